@@ -1,0 +1,76 @@
+"""Turn the sequences of one step into the flat tensors the model runs on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceChunk:
+    """One sequence's share of a step: new tokens on top of `start_pos` cached ones."""
+
+    token_ids: Sequence[int]
+    start_pos: int
+    block_ids: Sequence[int]  # must cover start_pos + len(token_ids) tokens
+    sample: bool = True  # whether its last token's logits are needed
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the flat batch whose logits are sampled
+    sampled_chunks: tuple[int, ...]  # which chunks those rows belong to, in order
+
+
+def build_forward_batch(
+    chunks: Sequence[SequenceChunk], block_size: int, device: torch.device
+) -> ForwardBatch:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start = [0]
+    seq_lens: list[int] = []
+    logits_rows: list[int] = []
+    sampled: list[int] = []
+    for index, chunk in enumerate(chunks):
+        count = len(chunk.token_ids)
+        end = chunk.start_pos + count
+        if count == 0 or len(chunk.block_ids) * block_size < end:
+            raise ValueError(f"chunk {index}: {count} tokens at {chunk.start_pos} need more blocks")
+        input_ids.extend(chunk.token_ids)
+        span = range(chunk.start_pos, end)
+        positions.extend(span)
+        # A token's slot is its block's first slot plus its offset in the block.
+        slots.extend(chunk.block_ids[pos // block_size] * block_size + pos % block_size for pos in span)
+        query_start.append(query_start[-1] + count)
+        seq_lens.append(end)
+        if chunk.sample:
+            logits_rows.append(query_start[-1] - 1)
+            sampled.append(index)
+    max_blocks = max((len(c.block_ids) for c in chunks), default=0)
+    table = torch.zeros((len(chunks), max_blocks), dtype=torch.int32)
+    for row, chunk in enumerate(chunks):
+        table[row, : len(chunk.block_ids)] = torch.as_tensor(chunk.block_ids, dtype=torch.int32)
+    metadata = AttentionMetadata(
+        query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=table.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_lens_host=tuple(len(c.token_ids) for c in chunks),
+        seq_lens_host=tuple(seq_lens),
+        block_size=block_size,
+    )
+    return ForwardBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        metadata=metadata,
+        logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        sampled_chunks=tuple(sampled),
+    )
