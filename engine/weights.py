@@ -28,7 +28,9 @@ _FUSED = {
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
 }
-_FUSED_NAME = re.compile(r"^(model\.layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(weight|bias)$")
+_FUSED_NAME = re.compile(
+    r"^(model\.layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(weight|bias)$"
+)
 # Tensors some checkpoints carry that the model recomputes or does not use.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$|\.masked_bias$|\.attn\.bias$")
 
@@ -101,7 +103,8 @@ def _load_weights(model: CausalLM, config: ModelConfig, files: list[Path]) -> No
     missing = [
         name
         for name, param in params.items()
-        if filled.get(name, 0) < param.shape[0] and not (name == "lm_head.weight" and config.tie_word_embeddings)
+        if filled.get(name, 0) < param.shape[0]
+        and not (name == "lm_head.weight" and config.tie_word_embeddings)
     ]
     if missing:
         raise ModelLoadError(f"{files[0].parent}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")

@@ -24,7 +24,7 @@ def tiny_config(family: str) -> PreTrainedConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=4096,
         eos_token_id=2,
         bos_token_id=1,
     )

@@ -1,0 +1,124 @@
+"""Chained block hashes, computed identically by the gateway and the engine.
+
+Format (version 1). Changing anything here changes every published hash, so the
+test vectors in tests/cache/test_block_hashing.py pin it:
+
+    h_i = xxh3_64(u64le(parent_i) || u32le(token ids of block i) || extra_i, seed=BLOCK_HASH_SEED)
+
+with parent_0 = 0, extra_0 = first_block_extra(model_id, cache_salt) and
+extra_i = b"" for i > 0. Because every hash folds in its parent, equal hashes at
+block i mean equal token prefixes (and equal model and salt) up to block i; the
+radix tree and the gateway's prefix index rely on that to compare prefixes by a
+single integer. Only full blocks are hashed: a partial block's KV is never shared.
+
+Python's hash() is salted per process, so it is never used: these hashes cross
+process and machine boundaries in KV events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import xxhash
+
+# ASCII "prefixgt" read as a big-endian u64; any fixed value works, it must simply never change.
+BLOCK_HASH_SEED: Final[int] = 0x7072656669786774
+
+# Leading tag of extra_0: names the format so a future version cannot collide with this one.
+_FORMAT_TAG: Final[bytes] = b"PGH1"
+_NO_SALT: Final[bytes] = b"\x00"
+_HAS_SALT: Final[bytes] = b"\x01"
+_U32_MAX: Final[int] = 0xFFFF_FFFF
+_U64_MAX: Final[int] = 0xFFFF_FFFF_FFFF_FFFF
+_U32_LE: Final = np.dtype("<u4")
+
+
+def _length_prefixed(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return len(data).to_bytes(4, "little") + data
+
+
+def first_block_extra(model_id: str, cache_salt: str | None) -> bytes:
+    """The bytes folded into block 0's hash: the model id and the tenant's cache salt.
+
+    Each string is length-prefixed so ("ab", "c") and ("a", "bc") differ, and a marker byte
+    tells "no salt" from an empty salt, so a tenant that sends "" does not share with one
+    that sends nothing.
+    """
+    salt = _NO_SALT if cache_salt is None else _HAS_SALT + _length_prefixed(cache_salt)
+    return _FORMAT_TAG + _length_prefixed(model_id) + salt
+
+
+def _token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids as little-endian u32 bytes, rejecting values that would silently wrap."""
+    arr = np.asarray(token_ids)
+    if arr.size == 0:
+        return b""
+    if arr.ndim != 1:
+        raise ValueError(f"token ids must be one-dimensional, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype != _U32_LE:
+        if int(arr.min()) < 0 or int(arr.max()) > _U32_MAX:
+            raise ValueError("token ids must fit in an unsigned 32-bit integer")
+        arr = arr.astype(_U32_LE)
+    return arr.tobytes()
+
+
+def _parent_bytes(parent_hash: int) -> bytes:
+    if not 0 <= parent_hash <= _U64_MAX:
+        raise ValueError(f"parent hash must be an unsigned 64-bit integer, got {parent_hash}")
+    return parent_hash.to_bytes(8, "little")
+
+
+def hash_block(parent_hash: int, token_ids: Sequence[int], extra: bytes = b"") -> int:
+    """Hash one block given its parent's hash (0 for block 0). See the module docstring."""
+    data = _parent_bytes(parent_hash) + _token_bytes(token_ids) + extra
+    return xxhash.xxh3_64_intdigest(data, seed=BLOCK_HASH_SEED)
+
+
+@dataclass(frozen=True)
+class BlockHasher:
+    """Hashes the full blocks of a token sequence for one model and block size."""
+
+    model_id: str
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    def hashes(
+        self,
+        token_ids: Sequence[int],
+        cache_salt: str | None = None,
+        known: Sequence[int] = (),
+    ) -> list[int]:
+        """Hashes of every full block of `token_ids`; a trailing partial block is ignored.
+
+        `known` holds hashes already computed (with the same salt) for a prefix of these
+        same tokens, so a request that grows by decoding only hashes its new blocks. It is
+        trusted, not re-verified: passing hashes of other tokens gives wrong hashes.
+        """
+        size = self.block_size
+        num_full = len(token_ids) // size
+        start = len(known)
+        if start > num_full:
+            raise ValueError(f"{start} known hashes but only {num_full} full blocks")
+        out = [int(h) for h in known]
+        if start == num_full:
+            return out
+        # One conversion for all new blocks, then byte slices: per-block numpy calls would
+        # dominate the cost for long prompts.
+        data = _token_bytes(token_ids[start * size : num_full * size])
+        width = size * 4
+        parent = out[-1] if out else 0
+        for offset in range(0, len(data), width):
+            extra = first_block_extra(self.model_id, cache_salt) if not out else b""
+            payload = _parent_bytes(parent) + data[offset : offset + width] + extra
+            parent = xxhash.xxh3_64_intdigest(payload, seed=BLOCK_HASH_SEED)
+            out.append(parent)
+        return out

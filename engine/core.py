@@ -1,0 +1,218 @@
+"""The engine core: the step loop of three calls, schedule -> execute -> update.
+
+No web dependency, no threads: whoever owns an EngineCore calls `step()` in a loop and
+`add_request` / `abort` between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cache.block_pool import BlockPool
+from cache.events import KVEvent, KVEventQueue
+from cache.hashing import BlockHasher
+from cache.radix_tree import RadixCache
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
+from engine.kv_cache import allocate_kv_caches, blocks_for_memory
+from engine.kv_manager import KVCacheManager
+from engine.model_store import is_default_model, resolve_model
+from engine.request import FinishReason, Request
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.weights import LoadedModel, load_model
+from policies.eviction import eviction_policy
+from policies.queue import queue_policy
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot take as sent; the message is meant for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDelta:
+    """What one step did for one request."""
+
+    request: Request
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: int = 0
+    tokens_computed: int = 0  # every token run through the model (prefill chunks and decodes)
+
+
+class EngineCore:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, tokenizer: Any = None
+    ) -> None:
+        self.config = config
+        device = config.torch_device()
+        dtype = config.torch_dtype(device)
+        if loaded is None:
+            loaded = load_model(resolve_model(config.model), dtype=dtype, device=device)
+        self.model_config = loaded.config
+        self.model_id = "SmolLM2-135M-Instruct" if is_default_model(config.model) else loaded.path.name
+        self.device = next(loaded.model.parameters()).device
+        self.dtype = next(loaded.model.parameters()).dtype
+        self.num_blocks = config.num_blocks or self._blocks_from_memory()
+        self.block_size = config.block_size
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+            self.num_blocks * self.block_size,
+        )
+        self._tokenizer = backend_tokenizer(tokenizer) if tokenizer is not None else None
+
+        self.pool = BlockPool(self.num_blocks)
+        self.events = KVEventQueue()
+        self.tree = (
+            RadixCache(self.pool, self.block_size, eviction_policy(config.eviction_policy), self.events)
+            if config.enable_prefix_caching
+            else None
+        )
+        self.hasher = BlockHasher(model_id=self.model_id, block_size=self.block_size)
+        self.kv = KVCacheManager(self.pool, self.hasher, self.tree)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens),
+            self.kv,
+            queue_policy(config.queue_policy),
+        )
+        kv_caches = allocate_kv_caches(
+            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+        )
+        self.runner = ModelRunner(loaded.model, kv_caches, self.block_size)
+        self.stats = EngineStats()
+        self._arrivals = itertools.count()
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        torch.manual_seed(config.seed)
+
+    def _blocks_from_memory(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_fraction)
+        else:
+            budget = int(self.config.cpu_kv_cache_gib * (1 << 30))
+        blocks = blocks_for_memory(self.model_config, self.config.block_size, self.dtype, budget)
+        if blocks < 1:
+            raise RuntimeError("no memory left for the KV cache")
+        return blocks
+
+    # -- requests ----------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+        detokenize: bool = True,
+    ) -> Request:
+        request_id = request_id or uuid.uuid4().hex
+        prompt = list(prompt_token_ids)
+        self._validate(prompt, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        request = Request(
+            request_id=request_id,
+            token_ids=prompt,
+            num_prompt_tokens=len(prompt),
+            params=params,
+            arrival_seq=next(self._arrivals),
+            cache_salt=cache_salt,
+            eos_token_ids=frozenset(self.model_config.eos_token_ids),
+            max_total_tokens=self.max_model_len,
+            generator=generator,
+        )
+        self.scheduler.add(request)
+        if detokenize and self._tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self._tokenizer, params.stop, prompt_token_ids=prompt
+            )
+        return request
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} tokens, and at least one must be left to generate"
+            )
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens={params.max_tokens} does not fit: the prompt has {len(prompt)} tokens "
+                f"and the maximum context length is {self.max_model_len} tokens"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its blocks are freed (or stay cached) before this returns."""
+        self._detokenizers.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step ----------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            if self.scheduler.has_work and not self.scheduler.running:
+                raise RuntimeError(
+                    "the scheduler admitted nothing with an empty batch: the pool is too small"
+                )
+            return []
+        sampled = self.runner.execute(plan)
+        self.stats.steps += 1
+        self.stats.tokens_computed += plan.num_tokens
+        touched = self.scheduler.update(plan, sampled)
+        return [self._delta(request) for request in touched]
+
+    def _delta(self, request: Request) -> RequestDelta:
+        token_id = request.token_ids[-1]
+        text = ""
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is not None:
+            text = detokenizer.push(token_id)
+            if detokenizer.stop_string is not None and not request.is_finished:
+                self.scheduler.finish(request, FinishReason.STOP)
+                request.stop_reason = detokenizer.stop_string
+            if request.is_finished:
+                text += detokenizer.flush()
+                del self._detokenizers[request.request_id]
+        return RequestDelta(request, (token_id,), text, request.is_finished)
+
+    def text_of(self, request_id: str) -> str | None:
+        detokenizer = self._detokenizers.get(request_id)
+        return None if detokenizer is None else detokenizer.text
+
+    def drain_kv_events(self) -> list[tuple[int, KVEvent]]:
+        return self.events.drain()
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def describe(self) -> str:
+        return (
+            f"{self.model_id} on {self.device} ({str(self.dtype).removeprefix('torch.')}), "
+            f"KV pool {self.num_blocks} blocks x {self.block_size} tokens, "
+            f"max context {self.max_model_len}, prefix cache {'on' if self.tree else 'off'}"
+        )

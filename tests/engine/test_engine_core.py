@@ -1,0 +1,223 @@
+"""The engine core end to end on a tiny random model: cache, chunking, batching, preemption."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from cache.events import BlockRemoved
+from engine.config import EngineConfig
+from engine.core import EngineCore, InvalidRequestError
+from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
+from engine.weights import load_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def make_core(folder: Path, **options: object) -> EngineCore:
+    config = EngineConfig(model=str(folder), block_size=options.pop("block_size", 4), **options)  # type: ignore[arg-type]
+    return EngineCore(config, load_model(folder))
+
+
+def run_all(core: EngineCore, prompts: list[list[int]], params: list[SamplingParams]) -> dict[str, list[int]]:
+    requests = [
+        core.add_request(p, s, request_id=f"r{i}")
+        for i, (p, s) in enumerate(zip(prompts, params, strict=True))
+    ]
+    steps = 0
+    while core.has_unfinished:
+        core.step()
+        steps += 1
+        if steps % 7 == 0:
+            core.check_integrity()
+    core.check_integrity()
+    assert core.pool.num_free + (core.tree.num_cached_blocks if core.tree else 0) == core.num_blocks
+    return {r.request_id: r.output_token_ids for r in requests}
+
+
+def mixed_workload(seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    """50 requests: shared system prefixes, multi-turn style extensions, n > 1 style repeats."""
+    rng = random.Random(seed)
+    systems = [[rng.randrange(3, 512) for _ in range(rng.randrange(20, 70))] for _ in range(4)]
+    prompts: list[list[int]] = []
+    while len(prompts) < 50:
+        kind = rng.random()
+        if kind < 0.5:
+            prompt = rng.choice(systems) + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 30))]
+        elif kind < 0.75 and prompts:
+            # A later turn of an earlier conversation: its whole prompt plus new tokens.
+            prompt = rng.choice(prompts) + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 20))]
+        elif prompts:
+            prompt = list(rng.choice(prompts))  # the same prompt again, as n > 1 would send
+        else:
+            continue
+        prompts.append(prompt[:200])
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 12), ignore_eos=True) for _ in prompts
+    ]
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny_llama: Path) -> dict[str, list[int]]:
+    prompts, params = mixed_workload()
+    core = make_core(tiny_llama, enable_prefix_caching=False, max_batched_tokens=4096, num_blocks=4096)
+    return run_all(core, prompts, params)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"enable_prefix_caching": True, "max_batched_tokens": 512},
+        {"enable_prefix_caching": True, "max_batched_tokens": 16},
+        {"enable_prefix_caching": True, "max_batched_tokens": 1, "max_num_seqs": 8},
+        {"enable_prefix_caching": False, "max_batched_tokens": 16},
+        {"enable_prefix_caching": True, "max_batched_tokens": 64, "num_blocks": 70},  # forces preemption
+        {"enable_prefix_caching": False, "max_batched_tokens": 64, "num_blocks": 70},
+        {"enable_prefix_caching": True, "max_batched_tokens": 100, "max_num_seqs": 3, "queue_policy": "lpm"},
+        {"enable_prefix_caching": True, "max_batched_tokens": 48, "block_size": 16, "num_blocks": 40},
+    ],
+    ids=["cache-512", "cache-16", "cache-1", "nocache-16", "preempt", "preempt-nocache", "lpm", "bs16-tight"],
+)
+def test_greedy_outputs_do_not_depend_on_cache_chunking_or_batching(
+    tiny_llama: Path, reference_outputs: dict[str, list[int]], options: dict[str, object]
+) -> None:
+    prompts, params = mixed_workload()
+    options = {"num_blocks": 2048, **options}
+    core = make_core(tiny_llama, **options)
+    assert run_all(core, prompts, params) == reference_outputs
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_recomputes_to_the_same_outputs(tiny_llama: Path, prefix_caching: bool) -> None:
+    """Requests whose outputs outgrow a small pool get preempted and recomputed, unchanged."""
+    rng = random.Random(4)
+    shared = [rng.randrange(3, 512) for _ in range(24)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 16))] for _ in range(12)]
+    params = [SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)] * len(prompts)
+    expected = run_all(make_core(tiny_llama, num_blocks=1024), prompts, params)
+    core = make_core(tiny_llama, num_blocks=60, max_batched_tokens=64, enable_prefix_caching=prefix_caching)
+    assert run_all(core, prompts, params) == expected
+    assert core.scheduler.num_preemptions > 0
+
+
+def test_each_request_alone_matches_the_batch(
+    tiny_llama: Path, reference_outputs: dict[str, list[int]]
+) -> None:
+    prompts, params = mixed_workload()
+    for index in (0, 7, 23, 49):
+        core = make_core(tiny_llama, num_blocks=256)
+        alone = run_all(core, [prompts[index]], [params[index]])
+        assert alone["r0"] == reference_outputs[f"r{index}"]
+
+
+def test_multi_turn_reuses_previous_turns(tiny_llama: Path) -> None:
+    core = make_core(tiny_llama, block_size=16, num_blocks=1024)
+    rng = random.Random(1)
+    conversation = [rng.randrange(3, 512) for _ in range(400)]
+    previous_total = 0
+    for turn in range(5):
+        request = core.add_request(
+            conversation, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        )
+        while core.has_unfinished:
+            core.step()
+        if turn > 0:
+            assert request.num_cached_tokens >= 0.95 * previous_total, (turn, request.num_cached_tokens)
+        conversation = conversation + request.output_token_ids
+        previous_total = len(conversation)
+        conversation = conversation + [rng.randrange(3, 512) for _ in range(30)]
+    core.check_integrity()
+
+
+def test_shared_prefix_is_computed_once_for_a_batch_of_agents(tiny_llama: Path) -> None:
+    core = make_core(tiny_llama, block_size=16, num_blocks=1024, max_batched_tokens=512)
+    rng = random.Random(2)
+    prefix = [rng.randrange(3, 512) for _ in range(2000)]
+    suffix_len, max_tokens = 20, 4
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    requests = [
+        core.add_request(prefix + [rng.randrange(3, 512) for _ in range(suffix_len)], params)
+        for _ in range(32)
+    ]
+    while core.has_unfinished:
+        core.step()
+    # The prefix once, each suffix once, and every decode step after the first token.
+    assert core.stats.tokens_computed == 2000 + 32 * suffix_len + 32 * (max_tokens - 1)
+    assert sorted(r.num_cached_tokens for r in requests)[1:] == [2000] * 31
+    core.check_integrity()
+
+
+def test_random_requests_with_aborts_leave_no_block_behind(tiny_llama: Path) -> None:
+    core = make_core(tiny_llama, num_blocks=160, max_batched_tokens=256, max_num_seqs=32)
+    rng = random.Random(3)
+    prefixes = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 60))] for _ in range(10)]
+    live: list[str] = []
+    added = 0
+    while added < 1000 or core.has_unfinished:
+        for _ in range(rng.randrange(0, 12)):
+            if added >= 1000:
+                break
+            prompt = rng.choice(prefixes) + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))]
+            params = SamplingParams(
+                temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randrange(1, 8), seed=rng.randrange(100)
+            )
+            live.append(core.add_request(prompt, params, request_id=f"q{added}").request_id)
+            added += 1
+        for _ in range(rng.randrange(0, 3)):
+            if live:
+                core.abort(live.pop(rng.randrange(len(live))))
+        core.step()
+    core.check_integrity()
+    assert core.pool.num_free + core.tree.num_cached_blocks == core.num_blocks
+    assert core.tree.num_evictable_blocks == core.tree.num_cached_blocks  # no lock left
+    assert core.tree.root.lock_ref == 0
+    assert not core.scheduler.running and not core.scheduler.waiting
+    events = [event for _, event in core.drain_kv_events()]
+    assert any(isinstance(event, BlockRemoved) for event in events)  # the pool was small enough to evict
+
+
+def test_abort_frees_blocks_at_once(tiny_llama: Path) -> None:
+    core = make_core(tiny_llama, num_blocks=64, enable_prefix_caching=False)
+    request = core.add_request(list(range(3, 40)), GREEDY)
+    core.step()
+    assert core.pool.num_free < 64
+    assert core.abort(request.request_id)
+    assert core.pool.num_free == 64
+    assert request.finish_reason is FinishReason.ABORT
+    assert not core.abort(request.request_id)
+
+
+def test_stop_tokens_and_max_tokens(tiny_llama: Path) -> None:
+    core = make_core(tiny_llama, num_blocks=64)
+    free_run = run_all(core, [list(range(3, 30))], [GREEDY])["r0"]
+    stop_at = free_run[3]
+    core = make_core(tiny_llama, num_blocks=64)
+    request = core.add_request(
+        list(range(3, 30)), SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=(stop_at,))
+    )
+    while core.has_unfinished:
+        core.step()
+    assert request.output_token_ids == free_run[: free_run.index(stop_at) + 1]
+    assert request.finish_reason is FinishReason.STOP and request.stop_reason == stop_at
+
+
+def test_invalid_requests_are_refused(tiny_llama: Path) -> None:
+    core = make_core(tiny_llama, num_blocks=16)  # 64 tokens of context
+    with pytest.raises(InvalidRequestError, match="empty"):
+        core.add_request([], GREEDY)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        core.add_request([1, 2, 100000], GREEDY)
+    with pytest.raises(InvalidRequestError, match="maximum context"):
+        core.add_request(list(range(3, 70)), GREEDY)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        core.add_request(list(range(3, 60)), SamplingParams(max_tokens=20))
+    assert not core.has_unfinished
