@@ -55,9 +55,10 @@ def build_forward_batch(
             logits_rows.append(query_start[-1] - 1)
             sampled.append(index)
     max_blocks = max((len(c.block_ids) for c in chunks), default=0)
-    table = torch.zeros((len(chunks), max_blocks), dtype=torch.int32)
-    for row, chunk in enumerate(chunks):
-        table[row, : len(chunk.block_ids)] = torch.as_tensor(chunk.block_ids, dtype=torch.int32)
+    # One tensor from padded Python rows: a per-row tensor copy costs more than the whole list.
+    table = torch.tensor(
+        [list(c.block_ids) + [0] * (max_blocks - len(c.block_ids)) for c in chunks], dtype=torch.int32
+    ).reshape(len(chunks), max_blocks)
     metadata = AttentionMetadata(
         query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),

@@ -12,7 +12,7 @@ from engine.weights import load_model
 from testkit.paged import PagedDriver
 
 TOLERANCE = 1e-4
-TINY_FAMILIES = ["llama", "llama31", "qwen2", "qwen3"]
+TINY_FAMILIES = ["llama", "llama31", "mistral", "qwen2", "qwen3"]
 
 
 def hf_logits(folder: Path, token_ids: list[int]) -> torch.Tensor:
@@ -121,10 +121,11 @@ def test_smollm2_parity_in_all_regimes(smollm2_dir: Path) -> None:
         assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
-def test_bfloat16_model_follows_float32(tiny_model_dir) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_follows_float32(tiny_model_dir, dtype: torch.dtype) -> None:
     folder = tiny_model_dir("llama")
     tokens = random_tokens(60, 512, seed=5)
     full = PagedDriver(load_model(folder).model).step([(0, tokens)])[0]
-    half = PagedDriver(load_model(folder, dtype=torch.bfloat16).model).step([(0, tokens)])[0]
+    half = PagedDriver(load_model(folder, dtype=dtype).model).step([(0, tokens)])[0]
     assert half.dtype == torch.float32  # logits are always float32
     assert (half - full).abs().max().item() < 0.1 * full.abs().max().item()

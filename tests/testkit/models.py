@@ -8,6 +8,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    MistralConfig,
     PreTrainedConfig,
     Qwen2Config,
     Qwen3Config,
@@ -43,6 +44,8 @@ def tiny_config(family: str) -> PreTrainedConfig:
                 "original_max_position_embeddings": 64,
             },
         )
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
     if family == "qwen2":
         return Qwen2Config(**common)
     if family == "qwen3":
