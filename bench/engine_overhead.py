@@ -45,13 +45,17 @@ def _scheduler(num_blocks: int, max_seqs: int, budget: int) -> Scheduler:
     pool = BlockPool(num_blocks)
     tree = RadixCache(pool, BLOCK_SIZE)
     kv = KVCacheManager(pool, BlockHasher("bench", BLOCK_SIZE), tree)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_batched_tokens=budget), kv, queue_policy("fcfs"))
+    return Scheduler(
+        SchedulerConfig(max_num_seqs=max_seqs, max_batched_tokens=budget), kv, queue_policy("fcfs")
+    )
 
 
 def scheduler_step_cost(batch: int, prompt_len: int, steps: int, budget: int) -> tuple[float, float, int]:
     """Median (schedule + update) and (build inputs) seconds per step, with `batch` requests."""
     rng = random.Random(batch)
-    scheduler = _scheduler(num_blocks=batch * (prompt_len + steps + 64) // BLOCK_SIZE + 64, max_seqs=batch, budget=budget)
+    scheduler = _scheduler(
+        num_blocks=batch * (prompt_len + steps + 64) // BLOCK_SIZE + 64, max_seqs=batch, budget=budget
+    )
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     shared = [rng.randrange(50_000) for _ in range(prompt_len // 2)]
     for i in range(batch):
@@ -103,13 +107,17 @@ def prefix_match_cost(prompt_len: int, repeat: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--prompt-len", type=int, default=10_000)
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"python {platform.python_version()}, torch {torch.__version__}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"python {platform.python_version()}, torch {torch.__version__}\n"
+    )
     print("| requests | step tokens | schedule + update per step | build model inputs per step |")
     print("|---:|---:|---:|---:|")
     for batch in (1, 16, 64, 256):
