@@ -76,3 +76,25 @@ def test_a_model_folder_without_tokenizer_takes_token_ids(tiny_model_dir) -> Non
         len(llm.generate([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids)
         == 2
     )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"enable_prefix_caching": False, "max_batched_tokens": 512},
+        {"enable_prefix_caching": True, "max_batched_tokens": 1},
+        {"enable_prefix_caching": True, "max_batched_tokens": 16},
+        {"enable_prefix_caching": True, "max_batched_tokens": 512, "num_blocks": 40},
+    ],
+    ids=["nocache-512", "cache-1", "cache-16", "tight-pool"],
+)
+def test_n_greedy_samples_agree_across_engine_settings(tiny_model_dir, options: dict[str, object]) -> None:
+    prompts = [PROMPT, PROMPT[:30] + [7, 8, 9], list(range(100, 131))]
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=20, ignore_eos=True)
+    reference = LLM(tiny_model_dir("qwen3"), block_size=4, num_blocks=512).generate(prompts, params)
+    llm = LLM(tiny_model_dir("qwen3"), block_size=4, **{"num_blocks": 512, **options})
+    results = llm.generate(prompts, params)
+    assert [[o.token_ids for o in r.outputs] for r in results] == [
+        [o.token_ids for o in r.outputs] for r in reference
+    ]
+    llm.engine.check_integrity()
