@@ -89,7 +89,7 @@ def test_a_model_folder_without_tokenizer_takes_token_ids(tiny_model_dir) -> Non
     ids=["nocache-512", "cache-1", "cache-16", "tight-pool"],
 )
 def test_n_greedy_samples_agree_across_engine_settings(tiny_model_dir, options: dict[str, object]) -> None:
-    prompts = [PROMPT, PROMPT[:30] + [7, 8, 9], list(range(100, 131))]
+    prompts = [PROMPT, [*PROMPT[:30], 7, 8, 9], list(range(100, 131))]
     params = SamplingParams(n=3, temperature=0.0, max_tokens=20, ignore_eos=True)
     reference = LLM(tiny_model_dir("qwen3"), block_size=4, num_blocks=512).generate(prompts, params)
     llm = LLM(tiny_model_dir("qwen3"), block_size=4, **{"num_blocks": 512, **options})
