@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--kv-fraction", type=float, default=0.45, help="of free GPU memory, leaving room for peers"
+    )
+    parser.add_argument("--peer-groups", type=int, default=2, help="shared-prefix groups the peer runs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.offline needs an NVIDIA GPU")
@@ -231,26 +235,34 @@ def main(argv: list[str] | None = None) -> None:
     results: list[Result] = []
     peers = not args.no_peers
     wanted = args.scenarios.split(",")
-    options = {
-        "num_blocks": args.num_blocks,
-        "max_num_seqs": args.max_num_seqs,
-        "max_batched_tokens": args.max_batched_tokens,
-    }
+    started = time.perf_counter()
+    engine = build_engine(
+        args.shape,
+        device,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+        gpu_memory_fraction=args.kv_fraction,
+    )
+    graphs = engine.runner.graphs
+    capture = f"captured in {graphs.capture_seconds:.1f} s" if graphs else "off"
+    print(
+        f"engine ready in {time.perf_counter() - started:.1f} s: {engine.describe()}; CUDA graphs {capture}",
+        flush=True,
+    )
     runners: dict[str, Callable[[EngineCore], Result]] = {
         "decode_b1": lambda e: decode_b1(e, bandwidth, args.shape, peers),
-        "shared_prefix": lambda e: shared_prefix(e, args.shape, peers),
+        "shared_prefix": lambda e: shared_prefix(e, args.shape, peers, args.peer_groups),
         "sharegpt_like": sharegpt_like,
         "cached_prefix_ttft": cached_prefix_ttft,
     }
     for name in SCENARIOS:
         if name not in wanted:
             continue
-        engine = build_engine(args.shape, device, **options)
         started = time.perf_counter()
         result = runners[name](engine)
         results.append(result)
         print(_row(result), f"({time.perf_counter() - started:.0f} s)", flush=True)
-        del engine
         gc.collect()
         torch.cuda.empty_cache()
     _save(results, card, bandwidth, args)

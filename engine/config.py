@@ -33,6 +33,7 @@ class EngineConfig:
     queue_policy: str = "fcfs"
     eviction_policy: str = "lru"
     seed: int = 0
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU with the Triton backend)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -20,6 +20,7 @@ from cache.events import KVEvent, KVEventQueue
 from cache.hashing import BlockHasher
 from cache.radix_tree import RadixCache
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from engine.kv_cache import allocate_kv_caches, blocks_for_memory
 from engine.kv_manager import KVCacheManager
@@ -53,6 +54,12 @@ class RequestDelta:
 class EngineStats:
     steps: int = 0
     tokens_computed: int = 0  # every token run through the model (prefill chunks and decodes)
+
+
+def _graph_safe(model: torch.nn.Module) -> bool:
+    """Whether the model's attention backend can be captured (no host-side slicing by lengths)."""
+    backend = model.model.layers[0].self_attn.backend  # type: ignore[union-attr, index]
+    return bool(getattr(backend, "supports_cuda_graphs", False))
 
 
 class EngineCore:
@@ -91,10 +98,23 @@ class EngineCore:
             self.kv,
             queue_policy(config.queue_policy),
         )
+        use_graphs = config.cuda_graphs and self.device.type == "cuda" and _graph_safe(loaded.model)
+        # With graphs, one extra block outside the pool takes the padding rows' K/V.
         kv_caches = allocate_kv_caches(
-            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+            self.model_config, self.num_blocks + int(use_graphs), self.block_size, self.dtype, self.device
         )
-        self.runner = ModelRunner(loaded.model, kv_caches, self.block_size)
+        graphs = None
+        if use_graphs:
+            graphs = DecodeGraphs(
+                loaded.model,
+                kv_caches,
+                self.block_size,
+                self.max_model_len,
+                max_batch=config.max_num_seqs,
+                scratch_block=self.num_blocks,
+            )
+            graphs.capture()
+        self.runner = ModelRunner(loaded.model, kv_caches, self.block_size, graphs)
         self.stats = EngineStats()
         self._arrivals = itertools.count()
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

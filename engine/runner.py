@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.batch import SequenceChunk, build_forward_batch
+from engine.cuda_graphs import DecodeGraphs
 from engine.models.decoder import CausalLM
 from engine.request import TokenLogprob
 from engine.sampler import Sampler, SamplerOutput, SamplingInputs
@@ -12,8 +13,15 @@ from engine.scheduler import SampledToken, SchedulePlan
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
         self.model = model
+        self.graphs = graphs
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = next(model.parameters()).device
@@ -33,10 +41,13 @@ class ModelRunner:
             for c in plan.chunks
         ]
         batch = build_forward_batch(chunks, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
-        if not batch.sampled_chunks:
-            return []
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if self.graphs is not None and self.graphs.supports(batch):
+            logits = self.graphs.run(batch)  # every decode row samples
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+            if not batch.sampled_chunks:
+                return []
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
         requests = [plan.chunks[i].request for i in batch.sampled_chunks]
         inputs = SamplingInputs.build(
             params=[r.params for r in requests],

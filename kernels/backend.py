@@ -44,6 +44,69 @@ class TorchAttention:
         return paged_attention_ref(query, kv_cache, metadata, scale)
 
 
+class TritonAttention:
+    """Triton kernels: KV store by slot, then paged decode (split-KV) or extend attention.
+
+    Launch sizes come from the metadata's host mirrors only, so a call never waits on the GPU,
+    and lengths are read on the device: a decode step can be captured in a CUDA graph whose
+    host mirrors give the longest allowed context (each sequence spreads its own length over
+    the splits, so short ones lose nothing).
+    """
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self) -> None:
+        # Imported here so that CPU-only installs never import triton.
+        from kernels.triton_decode import paged_decode_triton
+        from kernels.triton_extend import extend_attention_triton
+        from kernels.triton_store import store_kv_triton
+
+        self._store = store_kv_triton
+        self._decode = paged_decode_triton
+        self._extend = extend_attention_triton
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self._store(key, value, kv_cache, metadata.slot_mapping)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if metadata.num_seqs == 0:
+            return out
+        if metadata.is_pure_decode:
+            return self._decode(
+                query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.max_seq_len, scale, out
+            )
+        # Decodes mixed into a prefill batch run here too, as one-token chunks.
+        return self._extend(
+            query,
+            kv_cache,
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.query_start_loc,
+            metadata.num_seqs,
+            scale,
+            out,
+            metadata.max_query_len,
+        )
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_backend(device: torch.device) -> AttentionBackend:
-    # The Triton kernels join here once they exist; until then every device uses the reference.
+    """Triton on CUDA when triton imports; the pure-torch reference everywhere else."""
+    if torch.device(device).type == "cuda" and triton_available():
+        return TritonAttention()
     return TorchAttention()

@@ -56,3 +56,25 @@ def test_greedy_outputs_equal_with_cache_on_and_off_on_gpu(tiny_model_dir, dtype
         # bf16 sums in a different order per batch shape; near-ties may flip, but rarely.
         same = sum(outputs[0][k] == outputs[i][k] for i in (1, 2) for k in outputs[0])
         assert same >= 0.9 * 2 * len(outputs[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_decode_matches_eager(tiny_model_dir, dtype: str) -> None:
+    folder: Path = tiny_model_dir("qwen3")
+    prompts, params = mixed_workload(seed=5)
+    outputs, engines = [], []
+    for graphs in (False, True):
+        config = EngineConfig(
+            model=str(folder), device="cuda", dtype=dtype, num_blocks=512, max_num_seqs=24, cuda_graphs=graphs
+        )
+        loaded = load_model(folder, dtype=config.torch_dtype(torch.device("cuda")), device="cuda")
+        engine = EngineCore(config, loaded)
+        outputs.append(run_all(engine, prompts, params))
+        engines.append(engine)
+    assert engines[0].runner.graphs is None
+    assert engines[1].runner.graphs is not None and engines[1].runner.graphs.replays > 0
+    if dtype == "float32":
+        assert outputs[0] == outputs[1]
+    else:
+        same = sum(outputs[0][k] == outputs[1][k] for k in outputs[0])
+        assert same >= 0.9 * len(outputs[0])
