@@ -14,6 +14,7 @@ from transformers import AutoConfig
 from engine.model_config import ModelConfig, UnsupportedModelError
 from engine.models.decoder import CausalLM
 from kernels.backend import AttentionBackend, default_backend
+from kernels.elementwise import default_elementwise
 
 
 class ModelLoadError(RuntimeError):
@@ -62,7 +63,7 @@ def build_model(
 ) -> CausalLM:
     """An uninitialised model on `device` (weights are garbage until loaded or randomised)."""
     with torch.device("meta"):
-        model = CausalLM(config, backend or default_backend(device))
+        model = CausalLM(config, backend or default_backend(device), default_elementwise(device))
     model = model.to(dtype=dtype).to_empty(device=device)
     # The rotary tables are derived, not loaded: rebuild them on the real device.
     model.model.rotary.build(device)

@@ -5,27 +5,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.elementwise import TORCH_OPS, ElementwiseOps
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back, as transformers does, so bf16 outputs match."""
+    """RMSNorm in float32, cast back, as transformers does; optionally fused with a residual add.
 
-    def __init__(self, size: int, eps: float) -> None:
+    `forward(x, residual)` returns (norm(x + residual), x + residual): the residual stream
+    and the next sublayer's input in one pass.
+    """
+
+    def __init__(self, size: int, eps: float, ops: ElementwiseOps = TORCH_OPS) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding with cos/sin precomputed for every position up to the limit."""
 
-    def __init__(self, inv_freq: torch.Tensor, scale: float, max_positions: int) -> None:
+    def __init__(
+        self, inv_freq: torch.Tensor, scale: float, max_positions: int, ops: ElementwiseOps = TORCH_OPS
+    ) -> None:
         super().__init__()
+        self.ops = ops
         self.inv_freq = inv_freq.float().cpu()
         self.scale = scale
         self.max_positions = max_positions
@@ -45,11 +54,4 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate query [T, H, D] and key [T, KVH, D] by their positions [T]."""
-        cos = self.cos[positions].to(query.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(query.dtype).unsqueeze(1)
-        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return self.ops.rotary(positions, query, key, self.cos, self.sin)

@@ -1,0 +1,101 @@
+"""Where a batch-1 decode step's time goes on a GPU: graph replay vs the host around it.
+
+    python -m bench.profile_decode --shape llama3-8b
+
+Prints, per decode step (median): wall time, the GPU time of the graph replay alone (CUDA
+events), the time of each host phase (schedule, build inputs, sample + copy back, update),
+and the weight-read roofline, so the gap is split between GPU work and host gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from bench.offline import build_engine, copy_bandwidth, weight_bytes_per_step
+from bench.shapes import SHAPES
+from engine.batch import SequenceChunk, build_forward_batch
+from engine.sampler import SamplingInputs
+from engine.sampling_params import SamplingParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--steps", type=int, default=64)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    engine = build_engine(args.shape, device, max_num_seqs=64, gpu_memory_fraction=0.3)
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    rng = random.Random(0)
+    prompt = [rng.randrange(100, 100_000) for _ in range(512)]
+    request = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True))
+    engine.step()  # prefill
+
+    phases: dict[str, list[float]] = {k: [] for k in ("schedule", "build", "replay+sample", "update", "wall")}
+    gpu_replay: list[float] = []
+    start_event = torch.cuda.Event(enable_timing=True)
+    end_event = torch.cuda.Event(enable_timing=True)
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        plan = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        chunk = plan.chunks[0]
+        batch = build_forward_batch(
+            [SequenceChunk(request.token_ids[chunk.start :], chunk.start, request.block_ids)],
+            engine.block_size,
+            device,
+        )
+        t2 = time.perf_counter()
+        start_event.record()
+        logits = graphs.run(batch)
+        end_event.record()
+        inputs = SamplingInputs.build(
+            [request.params], [None], [()], [()], engine.model_config.vocab_size, device
+        )
+        tokens = engine.runner.sampler(logits, inputs).token_ids.tolist()
+        t3 = time.perf_counter()
+        from engine.scheduler import SampledToken
+
+        engine.scheduler.update(plan, [SampledToken(tokens[0])])
+        t4 = time.perf_counter()
+        gpu_replay.append(start_event.elapsed_time(end_event) / 1000)
+        for name, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
+            phases[name].append(value)
+
+    roofline = weight_bytes_per_step(engine.model_config) / bandwidth
+    gemv = _gemv_time(engine.runner.model, device)
+    print(f"card {torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"roofline (weights / bandwidth): {roofline * 1e3:.2f} ms")
+    print(f"graph replay GPU time: {statistics.median(gpu_replay) * 1e3:.2f} ms")
+    print(f"the step's matmuls alone at batch 1 (eager, events): {gemv * 1e3:.2f} ms")
+    for name, values in phases.items():
+        print(f"{name}: {statistics.median(values) * 1e3:.3f} ms")
+
+
+def _gemv_time(model: torch.nn.Module, device: torch.device, repeat: int = 20) -> float:
+    """GPU time of every Linear of one decode step at batch 1: cuBLAS's share of the step."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {m.in_features: torch.randn(1, m.in_features, dtype=torch.bfloat16, device=device) for m in linears}
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    with torch.inference_mode():
+        for m in linears:
+            m(x[m.in_features])
+        start.record()
+        for _ in range(repeat):
+            for m in linears:
+                m(x[m.in_features])
+        end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1000 / repeat
+
+
+if __name__ == "__main__":
+    main()

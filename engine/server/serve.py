@@ -1,0 +1,43 @@
+"""Run one replica: uvicorn serving ReplicaApp, with a graceful drain on SIGTERM / SIGINT.
+
+On the first signal the replica stops taking requests (503, /health goes 503), ends its
+/kv/events streams, and uvicorn waits up to drain_timeout_s for running requests to finish
+before the core process is shut down.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+
+from engine.server.app import ReplicaApp
+from engine.server.config import ServerConfig
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: ReplicaApp) -> None:
+        super().__init__(config)
+        self._replica_app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._replica_app.begin_drain_threadsafe()
+        super().handle_exit(sig, frame)
+
+
+def run(config: ServerConfig) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s [api] %(name)s: %(message)s"
+    )
+    app = ReplicaApp(config)
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=config.drain_timeout_s,
+    )
+    _DrainingServer(uvicorn_config, app).run()
