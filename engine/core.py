@@ -20,7 +20,7 @@ from cache.events import KVEvent, KVEventQueue
 from cache.hashing import BlockHasher
 from cache.radix_tree import RadixCache
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, scratch_blocks_needed
 from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from engine.kv_cache import allocate_kv_caches, blocks_for_memory
 from engine.kv_manager import KVCacheManager
@@ -99,9 +99,10 @@ class EngineCore:
             queue_policy(config.queue_policy),
         )
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and _graph_safe(loaded.model)
-        # With graphs, one extra block outside the pool takes the padding rows' K/V.
+        # With graphs, a few blocks outside the pool take the padding rows' K/V.
+        scratch = scratch_blocks_needed(self.block_size, config.max_num_seqs) if use_graphs else 0
         kv_caches = allocate_kv_caches(
-            self.model_config, self.num_blocks + int(use_graphs), self.block_size, self.dtype, self.device
+            self.model_config, self.num_blocks + scratch, self.block_size, self.dtype, self.device
         )
         graphs = None
         if use_graphs:

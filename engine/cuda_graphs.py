@@ -1,10 +1,12 @@
-"""Decode steps replayed from CUDA graphs, one graph per bucket of batch sizes.
+"""Steps replayed from CUDA graphs: decode batches by batch size, one-sequence chunks by length.
 
-A decode step of a small model is mostly kernel launches; replaying a captured graph turns
-hundreds of launches into one. Graphs need fixed addresses and fixed launch sizes, so each
-bucket reads its inputs from static buffers, padding rows (a batch of 5 runs the graph of 8)
-write their K/V into a scratch block outside the pool, and the attention grid is sized for
-the longest context the engine allows (short sequences leave the extra splits idle).
+A decode step, or an agent's next turn on a cached prefix, is mostly kernel launches at
+small batch: replaying a captured graph turns hundreds of host-side launches into one.
+Graphs need fixed addresses and launch sizes, so each bucket reads its inputs from static
+buffers and padding goes to scratch blocks outside the pool: a decode batch of 5 runs the
+graph of 8 with three one-token padding rows; a chunk of 100 tokens runs the graph of 128
+beside a 28-token padding sequence. The decode attention grid is sized for the longest
+context the engine allows (short sequences leave the extra splits idle).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from kernels.metadata import AttentionMetadata
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Token counts of one-sequence chunks; a chunk needs a bucket at least one token larger.
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def scratch_blocks_needed(block_size: int, max_batch: int) -> int:
+    """Blocks outside the pool that padding writes into: one slot per padded token."""
+    return -(-max(max_batch, *PREFILL_BUCKETS) // block_size)
 
 
 class DecodeGraphs:
@@ -39,20 +48,33 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.buckets = (*(b for b in DEFAULT_BUCKETS if b < max_batch), max_batch)
         self.scratch_block = scratch_block
+        self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b <= max_model_len)
         device = next(model.parameters()).device
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
-        self.block_tables = torch.full(
-            (max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device
-        )
+        max_tokens = max(max_batch, *self.prefill_buckets)
+        rows = max(max_batch, 2)
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((rows, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        # One-sequence chunks: [0, n, bucket] (the real chunk, then the padding sequence).
+        self.prefill_start_loc = torch.zeros(3, dtype=torch.int32, device=device)
+        self.logits_index = torch.zeros(1, dtype=torch.int64, device=device)
+        self.pad_positions = torch.arange(max_tokens, dtype=torch.int64, device=device)
+        num_scratch = scratch_blocks_needed(block_size, max_batch)
+        self.scratch_ids = torch.arange(
+            scratch_block, scratch_block + num_scratch, dtype=torch.int32, device=device
+        )
+        self.scratch_slots = self.pad_positions + scratch_block * block_size
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill_logits: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
         self.replays = 0
+        self.prefill_replays = 0
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
         # The host mirrors only size the launch: the longest allowed context, all one-token queries.
@@ -72,32 +94,99 @@ class DecodeGraphs:
         )
         return self.model.compute_logits(hidden)
 
+    def _prefill_metadata(self, bucket: int) -> AttentionMetadata:
+        # Host mirrors size the launch: tiles for a chunk of bucket - 1 tokens, never pure decode.
+        return AttentionMetadata(
+            query_start_loc=self.prefill_start_loc,
+            seq_lens=self.seq_lens[:2],
+            block_tables=self.block_tables[:2],
+            slot_mapping=self.slot_mapping[:bucket],
+            query_lens_host=(bucket - 1, 1),
+            seq_lens_host=(self.max_model_len, 1),
+            block_size=self.block_size,
+        )
+
+    def _prefill_forward(self, bucket: int) -> torch.Tensor:
+        hidden = self.model(
+            self.input_ids[:bucket], self.positions[:bucket], self.kv_caches, self._prefill_metadata(bucket)
+        )
+        return self.model.compute_logits(hidden.index_select(0, self.logits_index))
+
     @torch.inference_mode()
     def capture(self) -> None:
         started = time.perf_counter()
-        self.slot_mapping.fill_(self.scratch_block * self.block_size)
         pool = None
-        for bucket in sorted(self.buckets, reverse=True):  # the largest first, so the pool fits all
+        work = [(b, True) for b in self.prefill_buckets] + [(b, False) for b in self.buckets]
+        for bucket, prefill in sorted(work, reverse=True):  # the largest first, so the pool fits all
+            # Consistent dummy inputs in the scratch blocks, set outside the capture.
+            self.slot_mapping.copy_(self.scratch_slots[: self.slot_mapping.shape[0]])
+            self.positions.copy_(self.pad_positions)
+            self.seq_lens.fill_(1)
+            self.block_tables[:, : self.scratch_ids.shape[0]].copy_(
+                self.scratch_ids.expand(self.block_tables.shape[0], -1)
+            )
+            if prefill:
+                self.seq_lens[:1].fill_(bucket // 2)
+                self._set_prefill_rows(bucket // 2, bucket)
+            forward = self._prefill_forward if prefill else self._forward
             for _ in range(2):  # compile kernels and settle the allocator before capturing
-                self._forward(bucket)
+                forward(bucket)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[bucket] = self._forward(bucket)
+                logits = forward(bucket)
             pool = graph.pool()
-            self._graphs[bucket] = graph
+            if prefill:
+                self._prefill_graphs[bucket], self._prefill_logits[bucket] = graph, logits
+            else:
+                self._graphs[bucket], self._logits[bucket] = graph, logits
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
         log.info("captured %d decode graphs in %.1f s", len(self._graphs), self.capture_seconds)
 
     def supports(self, batch: ForwardBatch) -> bool:
         metadata = batch.metadata
+        if metadata.block_tables.shape[1] > self.block_tables.shape[1]:
+            return False
+        if metadata.is_pure_decode:
+            return bool(self._graphs) and metadata.num_seqs <= self.buckets[-1]
         return (
-            bool(self._graphs)
-            and metadata.is_pure_decode
-            and metadata.num_seqs <= self.buckets[-1]
-            and metadata.block_tables.shape[1] <= self.block_tables.shape[1]
+            bool(self._prefill_graphs)
+            and metadata.num_seqs == 1
+            and metadata.query_lens_host[0] < self.prefill_buckets[-1]
         )
+
+    def run_any(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits of the rows that sample: every decode row, or the chunk's last token."""
+        if batch.metadata.is_pure_decode:
+            return self.run(batch)
+        return self.run_prefill(batch)
+
+    def _set_prefill_rows(self, count: int, bucket: int) -> None:
+        """Padding sequence (bucket - count tokens in the scratch blocks) and its table row."""
+        pad = bucket - count
+        self.input_ids[count:bucket].zero_()
+        self.positions[count:bucket].copy_(self.pad_positions[:pad])
+        self.slot_mapping[count:bucket].copy_(self.scratch_slots[:pad])
+        self.seq_lens[1:2].fill_(pad)
+        self.block_tables[1, : self.scratch_ids.shape[0]].copy_(self.scratch_ids)
+        self.prefill_start_loc.copy_(torch.tensor([0, count, bucket], dtype=torch.int32), non_blocking=True)
+        self.logits_index.fill_(count - 1)
+
+    def run_prefill(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [1, vocab] of the last token of a one-sequence chunk."""
+        count = batch.metadata.query_lens_host[0]
+        bucket = next(b for b in self.prefill_buckets if b > count)
+        width = batch.metadata.block_tables.shape[1]
+        self.input_ids[:count].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:count].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:count].copy_(batch.metadata.slot_mapping, non_blocking=True)
+        self.seq_lens[:1].copy_(batch.metadata.seq_lens, non_blocking=True)
+        self.block_tables[:1, :width].copy_(batch.metadata.block_tables, non_blocking=True)
+        self._set_prefill_rows(count, bucket)
+        self._prefill_graphs[bucket].replay()
+        self.prefill_replays += 1
+        return self._prefill_logits[bucket]
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] for a pure-decode batch of B sequences."""

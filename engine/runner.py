@@ -42,7 +42,9 @@ class ModelRunner:
         ]
         batch = build_forward_batch(chunks, self.block_size, self.device)
         if self.graphs is not None and self.graphs.supports(batch):
-            logits = self.graphs.run(batch)  # every decode row samples
+            logits = self.graphs.run_any(batch)
+            if not batch.sampled_chunks:
+                return []
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
             if not batch.sampled_chunks:

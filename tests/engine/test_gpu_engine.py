@@ -78,3 +78,21 @@ def test_cuda_graph_decode_matches_eager(tiny_model_dir, dtype: str) -> None:
     else:
         same = sum(outputs[0][k] == outputs[1][k] for k in outputs[0])
         assert same >= 0.9 * len(outputs[0])
+
+
+def test_one_sequence_chunks_replay_graphs_and_match_eager(tiny_model_dir) -> None:
+    """Agent-style turns: one request at a time on a growing cached prefix, graphs on and off."""
+    folder: Path = tiny_model_dir("llama")
+    prompts, params = mixed_workload(seed=6)
+    outputs = []
+    for graphs in (False, True):
+        config = EngineConfig(
+            model=str(folder), device="cuda", dtype="float32", num_blocks=512, cuda_graphs=graphs
+        )
+        engine = EngineCore(config, load_model(folder, device="cuda"))
+        outputs.append(
+            [run_all(engine, [p], [s])["r0"] for p, s in zip(prompts[:12], params[:12], strict=True)]
+        )
+        if graphs:
+            assert engine.runner.graphs is not None and engine.runner.graphs.prefill_replays > 0
+    assert outputs[0] == outputs[1]
