@@ -1,4 +1,4 @@
-"""`prefixgate` command line: generate (and, as they land, engine / gateway / serve / bench)."""
+"""`prefixgate` command line: generate, engine (and, as they land, gateway / serve / bench)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,34 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--device", default="auto")
     generate.add_argument("--dtype", default="auto")
 
+    engine = commands.add_parser(
+        "engine", help="serve one engine replica over HTTP (OpenAI API + gateway API)"
+    )
+    engine.add_argument("--model", default="default", help="a local model folder, or 'default'")
+    engine.add_argument("--host", default="127.0.0.1")
+    engine.add_argument("--port", type=int, default=8000)
+    engine.add_argument("--served-model-name", default=None, help="the model name clients send")
+    engine.add_argument("--device", default="auto")
+    engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
+    engine.add_argument("--max-num-seqs", type=int, default=64)
+    engine.add_argument("--max-batched-tokens", type=int, default=2048)
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    engine.add_argument("--default-max-tokens", type=int, default=256)
+    engine.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish requests on exit"
+    )
+    engine.add_argument("--log-level", default="info")
+
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "engine":
+        return _engine(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -47,6 +72,41 @@ def _generate(args: argparse.Namespace) -> int:
             print(chunk.text, end="", flush=True)
         print()
         print(f"prefixgate: done in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    except (ModelLoadError, ValueError) as err:
+        print(f"prefixgate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.server.config import ServerConfig
+    from engine.server.serve import run
+    from engine.weights import ModelLoadError
+
+    try:
+        config = ServerConfig(
+            engine=EngineConfig(
+                model=args.model,
+                device=args.device,
+                dtype=args.dtype,
+                block_size=args.block_size,
+                num_blocks=args.num_blocks,
+                max_num_seqs=args.max_num_seqs,
+                max_batched_tokens=args.max_batched_tokens,
+                max_model_len=args.max_model_len,
+                enable_prefix_caching=not args.no_prefix_caching,
+                seed=args.seed,
+            ),
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            max_waiting=args.max_waiting,
+            default_max_tokens=args.default_max_tokens,
+            drain_timeout_s=args.drain_timeout,
+            log_level=args.log_level.lower(),
+        )
+        run(config)
     except (ModelLoadError, ValueError) as err:
         print(f"prefixgate: error: {err}", file=sys.stderr)
         return 2
