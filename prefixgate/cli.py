@@ -44,11 +44,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine.add_argument("--log-level", default="info")
 
+    gateway = commands.add_parser("gateway", help="route OpenAI requests to replicas by prefix cache")
+    _gateway_options(gateway)
+    gateway.add_argument("--replica", action="append", default=[], help="an engine replica URL (repeatable)")
+    gateway.add_argument(
+        "--foreign-replica", action="append", default=[], help="an OpenAI-compatible URL without KV events"
+    )
+
+    serve = commands.add_parser("serve", help="start local replicas and a gateway in front of them")
+    _gateway_options(serve)
+    serve.add_argument("--replicas", type=int, default=2, help="replicas on the CPU (without --gpus)")
+    serve.add_argument("--gpus", default="", help="comma-separated GPU ids: one replica per GPU")
+    serve.add_argument("--model", default="default", help="a local model folder, or 'default'")
+    serve.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks, per replica")
+    serve.add_argument("--engine-arg", action="append", default=[], help="passed on to each replica")
+
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
     if args.command == "engine":
         return _engine(args)
+    if args.command in ("gateway", "serve"):
+        return _gateway(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -111,6 +128,48 @@ def _engine(args: argparse.Namespace) -> int:
         print(f"prefixgate: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--policy", default="kv_aware", help="kv_aware, round_robin, least_load, ...")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder, if not on the replicas' host")
+    parser.add_argument("--log-level", default="info")
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from gateway.config import GatewayConfig
+    from gateway.serve import run_gateway, serve
+
+    try:
+        config = GatewayConfig(
+            replicas=tuple(getattr(args, "replica", ())),
+            foreign_replicas=tuple(getattr(args, "foreign_replica", ())),
+            host=args.host,
+            port=args.port,
+            policy=args.policy,
+            tokenizer=args.tokenizer,
+            log_level=args.log_level.lower(),
+        )
+        if args.command == "gateway":
+            if not config.replicas and not config.foreign_replicas:
+                print(
+                    "prefixgate: note: no --replica given; add them with POST /admin/replicas",
+                    file=sys.stderr,
+                )
+            run_gateway(config)
+            return 0
+        if args.replicas < 1 and not args.gpus:
+            raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+        engine_args = ["--model", args.model, *args.engine_arg]
+        if args.num_blocks is not None:
+            engine_args += ["--num-blocks", str(args.num_blocks)]
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        return serve(config, args.replicas, gpus, engine_args)
+    except ValueError as err:
+        print(f"prefixgate: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

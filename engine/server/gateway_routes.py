@@ -23,8 +23,9 @@ from engine.server.protocol import (
     GenerateFrame,
     GenerateRequest,
     Heartbeat,
+    ReplicaInfo,
 )
-from engine.server.replica import replica_of
+from engine.server.replica import json_response, replica_of
 
 log = logging.getLogger("prefixgate.engine.server")
 
@@ -163,4 +164,23 @@ async def _kv_lines(
         client.unsubscribe(subscription)
 
 
-ROUTES = [internal_generate, kv_events]
+@get("/internal/info")
+async def internal_info(request: Request[Any, Any, Any]) -> Response[Any]:
+    """The model name, hash model id, block size and limits a gateway needs (503 until ready)."""
+    replica = replica_of(request)
+    ready = replica.ready
+    return json_response(
+        ReplicaInfo(
+            model=replica.model_name,
+            aliases=sorted(replica.aliases() - {replica.model_name}),
+            model_id=ready.model_id,
+            block_size=ready.block_size,
+            max_model_len=ready.max_model_len,
+            vocab_size=ready.vocab_size,
+            default_max_tokens=replica.config.default_max_tokens,
+            model_folder=replica.model_folder,
+        )
+    )
+
+
+ROUTES = [internal_generate, kv_events, internal_info]

@@ -134,6 +134,19 @@ class LoadReport(Struct, kw_only=True):
     engine: LoadSnapshot
 
 
+class ReplicaInfo(Struct, kw_only=True):
+    """GET /internal/info: what a gateway needs to tokenize and hash exactly as this replica does."""
+
+    model: str  # the served model name (what clients send)
+    aliases: list[str]  # other names clients may send for it
+    model_id: str  # folded into block 0's hash (cache/hashing.py)
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    default_max_tokens: int
+    model_folder: str  # holds the tokenizer files, for a gateway on the same host
+
+
 class DebugState(Struct, kw_only=True):
     """GET /debug/cache: the core's state between two steps, for tests and operators."""
 

@@ -105,7 +105,7 @@ def test_full_queue_gets_429_with_retry_after(tiny_replica) -> None:
 
 def test_sigterm_drains_running_requests(tiny_replica) -> None:
     """Last in this module: it stops the module's replica."""
-    body = {"token_ids": [5, 6, 7], "max_tokens": 3000, "ignore_eos": True}  # a few seconds
+    body = {"token_ids": [5, 6, 7], "max_tokens": 600, "ignore_eos": True}  # about a second
     tokens = 0
     with (
         httpx.Client(base_url=tiny_replica.url, timeout=60) as http,
@@ -114,16 +114,16 @@ def test_sigterm_drains_running_requests(tiny_replica) -> None:
     ):
         lines = gen.iter_lines()
         tokens += len(json.loads(next(lines))["token_ids"])
-        started = time.monotonic()
         tiny_replica.process.send_signal(signal.SIGTERM)
         frames = [json.loads(line) for line in lines]
         tokens += sum(len(f["token_ids"]) for f in frames)
         assert frames[-1]["finish_reason"] == "length"
         assert next(iter(events.iter_lines())).startswith('{"type":"CacheSnapshot"')  # then it ended
-    assert tokens == 3000
-    code = tiny_replica.process.wait(30)
+    assert tokens == 600
+    # It exits although a /kv/events subscriber is still connected: that stream does not hold
+    # the drain up (a generous bound: the machines are shared and slow at times).
+    code = tiny_replica.process.wait(60)
     assert code in (0, -signal.SIGTERM)
-    assert time.monotonic() - started < 20  # the /kv/events stream did not hold the drain up
 
 
 def core_pid(replica_pid: int) -> int:

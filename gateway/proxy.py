@@ -1,0 +1,227 @@
+"""One client request forwarded to a replica: routing, retries, load accounting, detokenizing.
+
+`ProxiedGeneration.start` routes the request and waits for the replica's first frame; a
+replica that fails before that is marked (circuit breaker) and the request goes to another
+one, so the client never sees that failure. After the first frame the replica is fixed: a
+failure then ends the response with an OpenAI-style error.
+
+Load accounting: a replica's in_flight count goes up when the request is sent and down
+exactly once when it ends (finished, failed, client gone); its prefill_queued holds the
+prompt tokens the request must still prefill there until its first frame arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.server.protocol import GenerateFrame, GenerateRequest, TokenLogprob
+from gateway.errors import ApiError
+from gateway.pool import ModelPool, Replica, Route
+from gateway.registry import Registry
+from gateway.upstream import GenerateStream, Retryable, UpstreamBroken, open_generate
+from policies.routing import NoReplicaAvailable
+
+
+@dataclass(slots=True)
+class Sample:
+    detokenizer: IncrementalDetokenizer
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    index: int
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+
+
+class ProxiedGeneration:
+    def __init__(
+        self,
+        registry: Registry,
+        pool: ModelPool,
+        token_ids: list[int],
+        request: GenerateRequest,
+        stop: Sequence[str],
+        session_id: str | None,
+    ) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.token_ids = token_ids
+        self.request = request
+        self.session_id = session_id
+        self.samples = [Sample(pool.tokenizer.detokenizer(stop, token_ids)) for _ in range(request.n)]
+        self.arrived = time.perf_counter()
+        self.replica: Replica | None = None
+        self.route: Route | None = None
+        self.prompt_tokens = len(token_ids)
+        self.cached_tokens = 0
+        self.retries = 0
+        self._stream: GenerateStream | None = None
+        self._first: GenerateFrame | None = None
+        self._uncached = 0
+        self._got_first = False
+        self._accounted = False
+
+    # ---- accounting ------------------------------------------------------------------
+
+    def _begin(self, route: Route) -> None:
+        replica = route.replica
+        self.replica, self.route = replica, route
+        self._uncached = max(len(self.token_ids) - route.decision.predicted_cached_tokens, 0)
+        self._got_first = False
+        self._accounted = True
+        replica.in_flight += 1
+        replica.prefill_queued += self._uncached
+        metrics = self.registry.metrics
+        metrics.in_flight.labels(replica.url).set(replica.in_flight)
+        metrics.decisions.labels(self.pool.policy.name, route.decision.reason).inc()
+        metrics.prompt_tokens.labels(replica.url).inc(len(self.token_ids))
+        metrics.predicted_cached.labels(replica.url).inc(route.decision.predicted_cached_tokens)
+
+    def _first_token(self, frame: GenerateFrame) -> None:
+        assert self.replica is not None
+        if not self._got_first:
+            self._got_first = True
+            self.replica.prefill_queued -= self._uncached
+            self.registry.metrics.ttft.observe(time.perf_counter() - self.arrived)
+
+    def _end(self, outcome: str) -> None:
+        if not self._accounted or self.replica is None:
+            return
+        self._accounted = False
+        replica = self.replica
+        if not self._got_first:
+            replica.prefill_queued -= self._uncached
+        replica.in_flight -= 1
+        metrics = self.registry.metrics
+        metrics.in_flight.labels(replica.url).set(replica.in_flight)
+        metrics.requests.labels(replica.url, outcome).inc()
+
+    # ---- start, with retries ---------------------------------------------------------
+
+    async def start(self) -> None:
+        registry, config = self.registry, self.registry.config
+        assert registry.session is not None
+        tried: list[str] = []
+        hashes: list[int] | None = None
+        last = "no healthy replica"
+        for _ in range(config.max_attempts):
+            started = time.perf_counter()
+            try:
+                route = self.pool.choose(
+                    self.token_ids, self.request.cache_salt, self.session_id, tried, hashes
+                )
+            except NoReplicaAvailable:
+                break
+            registry.metrics.routing_time.observe(time.perf_counter() - started)
+            hashes = route.block_hashes
+            self._begin(route)
+            replica = route.replica
+            try:
+                self._stream = await open_generate(
+                    registry.session, replica.url, self.request, config.connect_timeout_s
+                )
+                first = await self._stream.next()
+                if first is None:
+                    raise Retryable("the stream ended before the first frame")
+            except (Retryable, UpstreamBroken) as err:
+                last = f"{replica.url}: {err}"
+            except ApiError as err:
+                if err.status != 503:
+                    self._end("rejected")
+                    raise
+                last = f"{replica.url}: {err.message}"
+            else:
+                registry.record_success(replica)
+                self._first = first
+                return
+            self.close("retried")
+            registry.record_failure(replica, last)
+            registry.metrics.retries.labels(replica.url).inc()
+            self.retries += 1
+            tried.append(replica.url)
+        raise ApiError(503, f"no replica could serve the request ({last})", code="no_replica_available")
+
+    # ---- the stream ------------------------------------------------------------------
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Text deltas per sample, then one with its finish_reason; closes the upstream at the end."""
+        assert self._stream is not None
+        outcome = "error"
+        try:
+            frame = self._first
+            while frame is not None:
+                for delta in self._apply(frame):
+                    yield delta
+                if all(s.finish_reason is not None for s in self.samples):
+                    outcome = "ok"
+                    return
+                try:
+                    frame = await self._stream.next()
+                except UpstreamBroken as err:
+                    assert self.replica is not None
+                    self.registry.record_failure(self.replica, str(err))
+                    raise ApiError(
+                        502, f"the replica failed mid-stream: {err}", code="replica_failed"
+                    ) from None
+            assert self.replica is not None
+            self.registry.record_failure(self.replica, "stream ended before every sample finished")
+            raise ApiError(502, "the replica ended the stream early", code="replica_failed")
+        finally:
+            self.close(outcome)
+
+    def _apply(self, frame: GenerateFrame) -> list[Delta]:
+        self._first_token(frame)
+        sample = self.samples[frame.index]
+        if frame.prompt_tokens is not None and frame.index == 0:
+            self.prompt_tokens = frame.prompt_tokens
+        if frame.cached_tokens is not None and frame.index == 0:
+            self.cached_tokens = frame.cached_tokens
+            assert self.replica is not None
+            self.registry.metrics.delivered_cached.labels(self.replica.url).inc(frame.cached_tokens)
+        if sample.finish_reason is not None:
+            return []
+        pieces = []
+        used = 0
+        for token_id in frame.token_ids:
+            pieces.append(sample.detokenizer.push(token_id))
+            used += 1
+            if sample.detokenizer.stop_string is not None:
+                sample.finish_reason = "stop"
+                break
+        sample.num_tokens += used
+        logprobs = list(frame.logprobs[:used]) if frame.logprobs else []
+        sample.logprobs.extend(logprobs)
+        if sample.finish_reason is None and frame.finish_reason is not None:
+            pieces.append(sample.detokenizer.flush())
+            sample.finish_reason = frame.finish_reason
+        text = "".join(pieces)
+        sample.text.append(text)
+        out = []
+        if text or logprobs:
+            out.append(Delta(frame.index, text, logprobs, None))
+        if sample.finish_reason is not None:
+            out.append(Delta(frame.index, "", [], sample.finish_reason))
+        return out
+
+    async def run(self) -> None:
+        async for _ in self.deltas():
+            pass
+
+    def close(self, outcome: str = "cancelled") -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self._end(outcome)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.samples)

@@ -1,0 +1,120 @@
+"""Run the gateway (`prefixgate gateway`), or the gateway plus local replicas (`prefixgate serve`).
+
+`serve` starts N replica processes (`python -m prefixgate.cli engine`, one per listed GPU with
+CUDA_VISIBLE_DEVICES set, or N on the CPU), runs the gateway in this process, prints where to
+point a client, and on Ctrl-C / SIGTERM stops the gateway, then every replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import replace
+
+import uvicorn
+
+from gateway.app import GatewayApp
+from gateway.config import GatewayConfig
+
+log = logging.getLogger("prefixgate.gateway")
+
+
+def run_gateway(config: GatewayConfig, banner: str | None = None) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s [gateway] %(name)s: %(message)s"
+    )
+    app = GatewayApp(config)
+    server_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level, access_log=False, lifespan="on"
+    )
+    if banner:
+        print(banner, file=sys.stderr, flush=True)
+    uvicorn.Server(server_config).run()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def start_replicas(
+    count: int, gpus: Sequence[str], engine_args: Sequence[str], host: str = "127.0.0.1"
+) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """Start the replica processes; return (process, url) pairs without waiting for them."""
+    slots: list[str | None] = list(gpus) if gpus else [None] * count
+    started = []
+    for gpu in slots:
+        port = free_port(host)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        args = [sys.executable, "-m", "prefixgate.cli", "engine", "--host", host, "--port", str(port)]
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+            args += ["--device", "cuda"]
+        else:
+            args += ["--device", "cpu"]
+        process = subprocess.Popen([*args, *engine_args], env=env)
+        started.append((process, f"http://{host}:{port}"))
+    return started
+
+
+def stop_replicas(replicas: Sequence[tuple[subprocess.Popen[bytes], str]], timeout: float = 30.0) -> None:
+    for process, _ in replicas:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process, _ in replicas:
+        try:
+            process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve(
+    config: GatewayConfig, count: int, gpus: Sequence[str], engine_args: Sequence[str], wait_s: float = 600.0
+) -> int:
+    replicas = start_replicas(count, gpus, engine_args, config.host)
+    try:
+        deadline = time.monotonic() + wait_s
+        pending = {url for _, url in replicas}
+        while pending:
+            for process, url in replicas:
+                if process.poll() is not None:
+                    print(f"prefixgate: replica {url} exited with {process.returncode}", file=sys.stderr)
+                    return 1
+            pending = {url for url in pending if not _ready(url)}
+            if time.monotonic() > deadline:
+                print(
+                    f"prefixgate: replicas not ready after {wait_s:.0f} s: {sorted(pending)}", file=sys.stderr
+                )
+                return 1
+            time.sleep(0.2)
+        config = replace(config, replicas=(*config.replicas, *(url for _, url in replicas)))
+        where = f"http://{config.host}:{config.port}"
+        banner = (
+            f"prefixgate: {len(replicas)} replicas ready; gateway on {where}\n"
+            f"prefixgate: point an OpenAI client at base_url={where}/v1 (any api_key); Ctrl-C stops all"
+        )
+        run_gateway(config, banner)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_replicas(replicas)
+    return 0

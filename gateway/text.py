@@ -1,0 +1,95 @@
+"""The gateway's tokenizer: prompts and chat messages to token ids, token ids back to text.
+
+Torch-free on purpose: transformers imports torch as soon as a tokenizer loads, so this reads
+the model folder's tokenizer.json with `tokenizers` and renders its chat template with
+jinja2, the way transformers does (sandboxed, trim_blocks / lstrip_blocks, the special
+tokens as variables, then encoding without adding special tokens again).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from engine.detokenizer import IncrementalDetokenizer
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class PromptError(ValueError):
+    """A prompt the tokenizer cannot turn into token ids; the message is meant for the user."""
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+class GatewayTokenizer:
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (the gateway needs the model's tokenizer)")
+        self.folder = folder
+        self.tokenizer = Tokenizer.from_file(str(path))
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.special = {name: _token_text(config.get(name)) or "" for name in _SPECIAL}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = folder / "chat_template.jinja"
+        if jinja_file.is_file():
+            template = jinja_file.read_text()
+        self.chat_template: str | None = template if isinstance(template, str) else None
+        self._template: Any = None
+        if self.chat_template is not None:
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = _strftime_now
+            env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent)
+            self._template = env.from_string(self.chat_template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        if self._template is None:
+            raise PromptError("this model has no chat template: use /v1/completions")
+        try:
+            rendered = self._template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special
+            )
+        except Exception as err:  # jinja raises many types; all mean the messages do not fit
+            raise PromptError(f"the messages do not fit the model's chat template: {err}") from err
+        return self.encode(rendered, add_special_tokens=False)
+
+    def detokenizer(self, stop: Sequence[str], prompt_token_ids: Sequence[int]) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, stop, True, prompt_token_ids)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per model, kept for the process
+    def token_text(self, token_id: int) -> str:
+        """A token on its own, as OpenAI logprobs show it."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

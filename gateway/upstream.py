@@ -1,0 +1,93 @@
+"""POST /internal/generate on one replica: token ids out, NDJSON GenerateFrames back.
+
+What can go wrong is sorted here for the retry logic: `Retryable` means the replica failed
+(unreachable, 5xx, 429, 503, stream ended without a frame) and another replica may serve the
+request; an ApiError is the request's own fault (a 4xx), which every replica would repeat.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import msgspec
+
+from engine.server.protocol import ErrorBody, ErrorFrame, GenerateFrame, GenerateRequest
+from gateway.errors import ApiError
+
+_encoder = msgspec.json.Encoder()
+_frame = msgspec.json.Decoder(GenerateFrame)
+_error_frame = msgspec.json.Decoder(ErrorFrame)
+_error_body = msgspec.json.Decoder(ErrorFrame)
+_RETRYABLE_TYPES = {"server_error", "service_unavailable", "rate_limit_exceeded"}
+
+
+class Retryable(Exception):
+    """The replica failed; another one may serve the request."""
+
+
+class UpstreamBroken(Exception):
+    """The replica's stream broke after it had started."""
+
+
+class GenerateStream:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.finished = False
+
+    async def next(self) -> GenerateFrame | None:
+        """The next frame; None once the stream ended cleanly. Raises UpstreamBroken or ApiError."""
+        try:
+            while True:
+                line = await self._response.content.readline()
+                if not line:
+                    return None
+                if line.strip():
+                    break
+        except (aiohttp.ClientError, OSError, TimeoutError) as err:
+            raise UpstreamBroken(f"{type(err).__name__}: {err}") from None
+        if line.startswith(b'{"error"'):
+            body = _error_frame.decode(line).error
+            raise _error(body)
+        try:
+            return _frame.decode(line)
+        except msgspec.DecodeError as err:
+            raise UpstreamBroken(f"bad frame from the replica: {err}") from None
+
+    def close(self) -> None:
+        """Closing the connection aborts the request on the replica."""
+        self.finished = True
+        self._response.close()
+
+
+def _error(body: ErrorBody) -> ApiError:
+    status = 503 if body.type in _RETRYABLE_TYPES else 400
+    return ApiError.from_body(status, body)
+
+
+async def open_generate(
+    session: aiohttp.ClientSession, url: str, request: GenerateRequest, connect_timeout_s: float
+) -> GenerateStream:
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+    try:
+        response = await session.post(
+            url + "/internal/generate",
+            data=_encoder.encode(request),
+            headers={"content-type": "application/json", "accept": "application/x-ndjson"},
+            timeout=timeout,
+        )
+    except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        raise Retryable(f"{type(err).__name__}: {err}") from None
+    if response.status == 200:
+        return GenerateStream(response)
+    try:
+        raw = await response.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        raise Retryable(f"{type(err).__name__}: {err}") from None
+    finally:
+        response.release()
+    if response.status in (429, 503) or response.status >= 500:
+        raise Retryable(f"the replica answered {response.status}")
+    try:
+        body = _error_body.decode(raw).error
+    except msgspec.DecodeError:
+        body = ErrorBody(message=f"the replica answered {response.status}", type="invalid_request_error")
+    raise ApiError.from_body(response.status, body)

@@ -1,0 +1,71 @@
+"""Gateway parts that need no replica: torch-free import, tokenizer parity, config, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.text import GatewayTokenizer
+from prefixgate.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_importing_the_gateway_app_does_not_import_torch() -> None:
+    code = (
+        "import sys, gateway.app, gateway.serve; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_chat_template_and_encoding_match_transformers(smollm2_dir: Path, smol_tokenizer_hf) -> None:
+    ours = GatewayTokenizer(smollm2_dir)
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "system", "content": "Be brief. Ünïcödé ✓ 日本語"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "again"},
+        ],
+    ]
+    for messages in conversations:
+        for add in (True, False):
+            expected = smol_tokenizer_hf.apply_chat_template(
+                messages, add_generation_prompt=add, tokenize=True, return_dict=True
+            )["input_ids"]
+            assert ours.apply_chat_template(messages, add_generation_prompt=add) == list(expected)
+    for text in ("hello world", " leading space", "é\n\ttabs"):
+        assert ours.encode(text) == list(smol_tokenizer_hf(text)["input_ids"])
+    detok = ours.detokenizer(["Paris"], [])
+    ids = ours.encode("The capital is Paris, yes", add_special_tokens=False)
+    text = "".join(detok.push(t) for t in ids) + detok.flush()
+    assert text == "The capital is " and detok.stop_string == "Paris"
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer_hf(smollm2_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        GatewayConfig(policy="nope")
+    with pytest.raises(ValueError):
+        GatewayConfig(max_attempts=0)
+
+
+def test_cli_gateway_rejects_unknown_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gateway", "--policy", "nope", "--replica", "http://127.0.0.1:1"]) == 2
+    assert "unknown routing policy" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "0"]) == 2
