@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import uuid
 
-from engine.server.openai_types import ChatCompletionRequest, CompletionRequest, SamplingFields
+from engine.server.openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    UnsupportedContentError,
+    template_messages,
+)
 from engine.server.protocol import GenerateRequest
 from gateway.errors import bad_request
 from gateway.pool import ModelPool
@@ -19,20 +25,10 @@ from gateway.text import GatewayTokenizer, PromptError
 def chat_ids(body: ChatCompletionRequest, tokenizer: GatewayTokenizer) -> list[int]:
     if not body.messages:
         raise bad_request("messages must not be empty", "messages")
-    messages = []
-    for i, message in enumerate(body.messages):
-        content = message.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise bad_request(
-                        f"only text content parts are supported, got {part.type!r}", f"messages[{i}].content"
-                    )
-                parts.append(part.text)
-            content = "".join(parts)
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content or ""})
+    try:
+        messages = template_messages(body.messages)
+    except UnsupportedContentError as err:
+        raise bad_request(str(err), err.param) from None
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
     except PromptError as err:

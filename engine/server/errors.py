@@ -41,7 +41,7 @@ class ApiError(Exception):
         message: str,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         error_type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -57,6 +57,11 @@ class ApiError(Exception):
 
     def body(self) -> ErrorBody:
         return ErrorBody(message=self.message, type=self.error_type, param=self.param, code=self.code)
+
+    @classmethod
+    def from_body(cls, status: int, body: ErrorBody) -> ApiError:
+        """The error a replica answered with, to pass on unchanged (the gateway does)."""
+        return cls(status, body.message, param=body.param, code=body.code, error_type=body.type)
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:

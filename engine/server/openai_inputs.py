@@ -15,7 +15,13 @@ from typing import Any
 from engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from engine.server import ipc
 from engine.server.errors import ApiError, bad_request
-from engine.server.openai_types import ChatCompletionRequest, CompletionRequest, SamplingFields
+from engine.server.openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    UnsupportedContentError,
+    template_messages,
+)
 from engine.server.tokenizer import PromptError, TextTools
 
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
@@ -40,21 +46,10 @@ class Prompt:
 def chat_prompt_ids(request: ChatCompletionRequest, text: TextTools) -> list[int]:
     if not request.messages:
         raise bad_request("messages must not be empty", "messages")
-    messages = []
-    for i, message in enumerate(request.messages):
-        content = message.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise bad_request(
-                        f"only text content parts are supported, got {part.type!r}", f"messages[{i}].content"
-                    )
-                parts.append(part.text)
-            content = "".join(parts)
-        # OpenAI's newer "developer" role is what chat templates call "system".
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content or ""})
+    try:
+        messages = template_messages(request.messages)
+    except UnsupportedContentError as err:
+        raise bad_request(str(err), err.param) from None
     try:
         ids = text.apply_chat_template(messages, add_generation_prompt=request.add_generation_prompt)
     except PromptError as err:

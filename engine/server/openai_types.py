@@ -191,3 +191,32 @@ class ModelList(Struct, kw_only=True):
 
 class ErrorResponse(Struct):
     error: ErrorBody
+
+
+class UnsupportedContentError(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """OpenAI chat messages as a chat template takes them (the replica and gateway alike).
+
+    Text parts are joined; any other part raises UnsupportedContentError naming the field.
+    """
+    rendered = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise UnsupportedContentError(
+                        f"only text content parts are supported, got {part.type!r}", f"messages[{i}].content"
+                    )
+                parts.append(part.text)
+            content = "".join(parts)
+        # OpenAI's newer "developer" role is what chat templates call "system".
+        role = "system" if message.role == "developer" else message.role
+        rendered.append({"role": role, "content": content or ""})
+    return rendered
