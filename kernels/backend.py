@@ -59,12 +59,12 @@ class TritonAttention:
     def __init__(self) -> None:
         # Imported here so that CPU-only installs never import triton.
         from kernels.triton_decode import paged_decode_triton
-        from kernels.triton_extend import extend_attention_triton
+        from kernels.triton_extend_split import extend_attention
         from kernels.triton_store import store_kv_triton
 
         self._store = store_kv_triton
         self._decode = paged_decode_triton
-        self._extend = extend_attention_triton
+        self._extend = extend_attention
 
     def __call__(
         self,
@@ -83,7 +83,8 @@ class TritonAttention:
             return self._decode(
                 query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.max_seq_len, scale, out
             )
-        # Decodes mixed into a prefill batch run here too, as one-token chunks.
+        # Decodes mixed into a prefill batch run here too, as one-token chunks. Short chunks on
+        # long contexts split the keys across programs (max_seq_len sizes the splits).
         return self._extend(
             query,
             kv_cache,
@@ -94,6 +95,7 @@ class TritonAttention:
             scale,
             out,
             metadata.max_query_len,
+            metadata.max_seq_len,
         )
 
 

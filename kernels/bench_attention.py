@@ -2,6 +2,7 @@
 
     python3 -m kernels.bench_attention            # decode table, split sweep, extend
     python3 -m kernels.bench_attention --quick    # decode table only
+    python3 -m kernels.bench_attention --chunks   # short chunks on cached prefixes only
 
 Decode: Llama-3-8B attention (32 heads, 8 KV heads, head_dim 128, bf16, block 16) for batch
 1/32/128 at contexts 512/2K/8K. The floor is the bytes it must read (K and V of every
@@ -22,7 +23,8 @@ import torch
 
 from kernels.triton_common import num_sms
 from kernels.triton_decode import choose_splits, decode_block_n, paged_decode_triton
-from kernels.triton_extend import extend_attention_triton
+from kernels.triton_extend import extend_attention_triton, extend_tiles
+from kernels.triton_extend_split import SPLIT_BLOCK_M, choose_extend_splits, extend_attention, split_tiles
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -201,15 +203,135 @@ def bench_extend() -> list[str]:
     return lines
 
 
+class ChunkCase:
+    """One sequence of `new` tokens on a `prefix`-token cached prefix, `sets` copies over one
+    shuffled pool (so that repeated calls miss in L2), optionally beside the padding sequence
+    the engine's CUDA graph for one-sequence chunks adds (bucket - new fresh tokens)."""
+
+    def __init__(self, new: int, prefix: int, bucket: int | None, gen: torch.Generator) -> None:
+        self.new, self.prefix, self.bucket = new, prefix, bucket
+        lens = [prefix + new] + ([bucket - new] if bucket else [])
+        self.query_lens = [new] + ([bucket - new] if bucket else [])
+        self.tokens = sum(self.query_lens)
+        per_set = sum(lens) * KV_HEADS * HEAD_DIM * 2 * DTYPE.itemsize
+        self.sets = max(2, min(16, -(-L2_FLUSH_BYTES // per_set)))
+        blocks = [-(-n // BLOCK) for n in lens]
+        width = max(blocks)
+        order = torch.randperm(self.sets * sum(blocks), generator=gen).to(torch.int32)
+        tables = torch.zeros(self.sets, len(lens), width, dtype=torch.int32)
+        used = 0
+        for i in range(self.sets):
+            for j, count in enumerate(blocks):
+                tables[i, j, :count] = order[used : used + count]
+                used += count
+        self.tables = tables.cuda()
+        self.cache = torch.randn(2, used, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        self.seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        starts = [0]
+        for q in self.query_lens:
+            starts.append(starts[-1] + q)
+        self.starts = torch.tensor(starts, dtype=torch.int32, device="cuda")
+        self.query = torch.randn(self.sets, self.tokens, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        self.out = torch.empty_like(self.query)
+        # Host sizes: exact, or the graph's (a bucket - 1 token chunk, a 32K context).
+        self.max_query_len = bucket - 1 if bucket else new
+        self.max_seq_len = 32768 if bucket else prefix + new
+
+    def calls(self, **options) -> list:
+        def call(i: int):
+            return lambda: extend_attention(
+                self.query[i],
+                self.cache,
+                self.tables[i],
+                self.seq_lens,
+                self.starts,
+                len(self.query_lens),
+                HEAD_DIM**-0.5,
+                self.out[i],
+                self.max_query_len,
+                self.max_seq_len,
+                **options,
+            )
+
+        return [call(i % self.sets) for i in range(max(self.sets, 8) * 2)]
+
+    def splits(self) -> int:
+        sms = num_sms(torch.device("cuda"))
+        group = HEADS // KV_HEADS
+        _, bq, bm, _, _ = extend_tiles(group, HEAD_DIM, DTYPE, self.max_query_len)
+        _, split_q, split_m, _, _ = split_tiles(group, HEAD_DIM, DTYPE, self.max_query_len, SPLIT_BLOCK_M)
+        return choose_extend_splits(
+            self.tokens, len(self.query_lens), KV_HEADS, self.max_seq_len, sms, (bq, bm), (split_q, split_m)
+        )
+
+    def max_error(self, **options) -> float:
+        """Relative error of a variant against the unsplit kernel on set 0's chunk."""
+        self.calls(num_splits=1)[0]()
+        before = self.out[0, : self.new].float().clone()
+        self.calls(**options)[0]()
+        after = self.out[0, : self.new].float()
+        return ((after - before).norm() / before.norm()).item()
+
+
+def bench_chunks() -> list[str]:
+    """Time-to-first-token's attention: one sequence, q new tokens on a cached prefix, graph
+    replays; before = the unsplit kernel, after = the split heuristic (64-row split tiles), and
+    the same with 128-row split tiles where the unsplit kernel takes them."""
+    gen = torch.Generator().manual_seed(2)
+    lines = [
+        "extend chunks, Llama-3-8B attention (32 q / 8 kv heads, d128, bf16, block 16), graph us per call;"
+        " exact = host sizes of the chunk, graph = the engine's bucket + padding sequence sized for 32K",
+        f"{'new':>4} {'prefix':>6} {'launch':>6} {'splits':>6} {'before':>8} {'after':>8} {'speedup':>7}"
+        f" {'TFLOP/s':>7} {'128-row':>8} {'err':>8}",
+    ]
+    for new in (16, 128, 512):
+        for prefix in (0, 2048, 8192):
+            for graph in (False, True):
+                bucket = next((b for b in (16, 32, 64, 128, 256, 512) if b > new), None) if graph else None
+                if graph and bucket is None:
+                    continue
+                case = ChunkCase(new, prefix, bucket, gen)
+                before = time_graph(case.calls(num_splits=1))
+                after = time_graph(case.calls())
+                wide = time_graph(case.calls(block_m=128))
+                error = max(case.max_error(), case.max_error(block_m=128))
+                flops = 4 * HEAD_DIM * HEADS * sum(prefix + j + 1 for j in range(new))
+                lines.append(
+                    f"{new:>4} {prefix:>6} {'graph' if graph else 'exact':>6} {case.splits():>6}"
+                    f" {before * 1e6:>8.1f} {after * 1e6:>8.1f} {before / after:>6.2f}x"
+                    f" {flops / after / 1e12:>7.1f} {wide * 1e6:>8.1f} {error:>8.1e}"
+                )
+                del case
+    # Split sweep for the case that motivated the split (TTFT of 128 tokens on 8K cached).
+    for graph in (False, True):
+        case = ChunkCase(128, 8192, 256 if graph else None, gen)
+        cells = []
+        for block_m in (128, 64):
+            for forced in (2, 4, 8, 16, 32):
+                t = time_graph(case.calls(num_splits=forced, block_m=block_m), replays=3)
+                cells.append(f"{block_m}r/{forced}:{t * 1e6:.1f}")
+        lines.append(
+            f"sweep 128 on 8192 ({'graph' if graph else 'exact'}, rows/splits:us) " + "  ".join(cells)
+        )
+        del case
+    torch.cuda.empty_cache()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--chunks", action="store_true")
     args = parser.parse_args()
+    if args.chunks:
+        print("\n".join(bench_chunks()), flush=True)
+        return
     bandwidth = copy_bandwidth()
     lines = [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)"]
     lines += bench_decode(bandwidth, sweep=not args.quick)
     if not args.quick:
         lines += bench_extend()
+        lines += bench_chunks()
     print("\n".join(lines), flush=True)
 
 

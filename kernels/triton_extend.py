@@ -60,10 +60,13 @@ def _attend(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    SAFE_MAX: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Online softmax over keys start..stop (tiles of BLOCK_N); MASKED adds the bounds check
-    and the causal mask, which the tiles below every row's position do not need."""
+    and the causal mask, which the tiles below every row's position do not need. SAFE_MAX
+    keeps a row that has seen no key yet at zero (a key range that starts past some rows'
+    positions, as a split can); without it such a row would turn NaN."""
     for tile in range(start, stop, BLOCK_N):
         pos = tile + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -81,8 +84,11 @@ def _attend(
             # pos <= query_pos < kv_end also keeps every used key inside the masked load.
             scores = tl.where(pos[None, :] <= query_pos[:, None], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
-        probs = tl.math.exp2(scores - new_max[:, None])
-        alpha = tl.math.exp2(row_max - new_max)
+        shift = new_max
+        if SAFE_MAX:
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.math.exp2(scores - shift[:, None])
+        alpha = tl.math.exp2(row_max - shift)
         row_sum = row_sum * alpha + tl.sum(probs, 1)
         if MASKED:
             value = tl.load(value_base + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
@@ -181,6 +187,7 @@ def _extend_kernel(
         BLOCK_SIZE,
         BLOCK_N,
         False,
+        False,
         PRECISION,
     )
     acc, row_max, row_sum = _attend(
@@ -202,6 +209,7 @@ def _extend_kernel(
         BLOCK_SIZE,
         BLOCK_N,
         True,
+        False,
         PRECISION,
     )
 
