@@ -190,6 +190,21 @@ def sharegpt_like(engine: EngineCore, count: int = 500) -> Result:
     )
 
 
+def warm_up(engine: EngineCore) -> None:
+    """Mixed prefill/decode batches of many shapes, so Triton compiles its kernel variants
+    before any timed region (a compile inside one costs seconds)."""
+    rng = random.Random(9)
+    vocab = engine.model_config.vocab_size
+    for count, length in ((1, 40), (8, 300), (64, 200), (4, 3000), (32, 2500)):
+        for _ in range(count):
+            engine.add_request(
+                _random_prompt(rng, length, vocab), SamplingParams(max_tokens=4, ignore_eos=True)
+            )
+        run_to_completion(engine)
+    if engine.tree is not None:
+        engine.tree.clear()
+
+
 def _ttft(engine: EngineCore, prompt: list[int]) -> float:
     request = engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
     run_to_completion(engine)
@@ -261,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         f"engine ready in {time.perf_counter() - started:.1f} s: {engine.describe()}; CUDA graphs {capture}",
         flush=True,
     )
+    warm_up(engine)
     runners: dict[str, Callable[[EngineCore], Result]] = {
         "decode_b1": lambda e: decode_b1(e, bandwidth, args.shape, peers),
         "shared_prefix": lambda e: shared_prefix(e, args.shape, peers, args.peer_groups),
