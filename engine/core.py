@@ -7,7 +7,6 @@ No web dependency, no threads: whoever owns an EngineCore calls `step()` in a lo
 from __future__ import annotations
 
 import itertools
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.weights import LoadedModel, load_model
 from policies.eviction import eviction_policy
 from policies.queue import queue_policy
-
-log = logging.getLogger(__name__)
 
 
 class InvalidRequestError(ValueError):
@@ -220,10 +217,6 @@ class EngineCore:
                 text += detokenizer.flush()
                 del self._detokenizers[request.request_id]
         return RequestDelta(request, (token_id,), text, request.is_finished)
-
-    def text_of(self, request_id: str) -> str | None:
-        detokenizer = self._detokenizers.get(request_id)
-        return None if detokenizer is None else detokenizer.text
 
     def drain_kv_events(self) -> list[tuple[int, KVEvent]]:
         return self.events.drain()
