@@ -11,13 +11,10 @@ from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.weights import load_model
 from testkit.engine import mixed_workload, run_all
+from testkit.numerics import relative_error
 from testkit.paged import PagedDriver
 
 pytestmark = pytest.mark.gpu
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

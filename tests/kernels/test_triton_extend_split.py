@@ -7,7 +7,6 @@ unwritten row shows up as NaN.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import pytest
@@ -15,24 +14,12 @@ import torch
 
 from kernels.attention_ref import paged_attention_ref, store_kv
 from kernels.metadata import AttentionMetadata
+from testkit.numerics import DEVICE, FP32_TOLERANCE, HALF_TOLERANCE, fresh_generator, relative_error
 
 triton = pytest.importorskip("triton")
 
 from kernels.backend import TritonAttention  # noqa: E402
 from kernels.triton_extend_split import choose_extend_splits, extend_attention  # noqa: E402
-
-DEVICE = os.environ.get("PREFIXGATE_TEST_DEVICE", "cuda")  # "cpu" under TRITON_INTERPRET=1
-HALF_TOLERANCE = 1e-2
-FP32_TOLERANCE = 1e-3
-
-
-def fresh_generator() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -10,16 +10,13 @@ from engine.core import EngineCore
 from engine.weights import load_model
 from kernels.backend import TorchAttention, default_backend
 from testkit.engine import mixed_workload, run_all
+from testkit.numerics import relative_error
 from testkit.paged import PagedDriver
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from kernels.backend import TritonAttention  # noqa: E402
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def test_default_backend_is_triton_on_cuda_and_torch_on_cpu() -> None:
