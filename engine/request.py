@@ -43,6 +43,7 @@ class TokenLogprob:
 class RequestTimes:
     arrival: float = field(default_factory=time.perf_counter)
     first_scheduled: float | None = None
+    prefill_chunks: int = 0  # steps that ran part of the prompt (tracing)
     first_token: float | None = None
     finished: float | None = None
     tokens: list[float] = field(default_factory=list)

@@ -204,6 +204,8 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += chunk.num_tokens
+            if request.num_output_tokens == 0:
+                request.times.prefill_chunks += 1
             self.kv.commit(request)
             if token is None:
                 continue

@@ -23,6 +23,7 @@ import uvicorn
 
 from gateway.app import GatewayApp
 from gateway.config import GatewayConfig
+from traces import configure_tracing, shutdown_tracing
 
 log = logging.getLogger("prefixgate.gateway")
 
@@ -31,13 +32,17 @@ def run_gateway(config: GatewayConfig, banner: str | None = None) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s [gateway] %(name)s: %(message)s"
     )
+    configure_tracing("prefixgate-gateway")
     app = GatewayApp(config)
     server_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, access_log=False, lifespan="on"
     )
     if banner:
         print(banner, file=sys.stderr, flush=True)
-    uvicorn.Server(server_config).run()
+    try:
+        uvicorn.Server(server_config).run()
+    finally:
+        shutdown_tracing()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

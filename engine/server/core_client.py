@@ -24,6 +24,7 @@ from engine.server.core_process import CoreProcessConfig, run_core_process
 from engine.server.errors import ApiError
 from engine.server.metrics import ServerMetrics
 from engine.server.protocol import KVEvent, LoadSnapshot
+from traces.spans import EngineSpan
 
 log = logging.getLogger("prefixgate.engine.server")
 
@@ -35,11 +36,13 @@ class Submission:
     finished: handlers call it in a `finally`, so a client that goes away frees its blocks.
     """
 
-    def __init__(self, client: CoreClient, request_ids: list[str]) -> None:
+    def __init__(self, client: CoreClient, request_ids: list[str], span: EngineSpan | None = None) -> None:
         self.request_ids = request_ids
         self.pending = set(request_ids)
         self.queue: asyncio.Queue[ipc.Delta | ApiError] = asyncio.Queue()
         self._client = client
+        self._span = span
+        self._finish_reasons: dict[str, str | None] = {}
 
     @property
     def done(self) -> bool:
@@ -49,15 +52,30 @@ class Submission:
         """The next delta of any of the requests; raises ApiError if the engine failed one."""
         item = await self.queue.get()
         if isinstance(item, ApiError):
+            if self._span is not None:
+                self._span.end(error=item.message)
             raise item
+        if self._span is not None:
+            self._span.step(
+                new_tokens=len(item.token_ids),
+                prompt_tokens=item.num_prompt_tokens,
+                cached_tokens=item.num_cached_tokens,
+                queue_time_s=item.queue_time,
+                prefill_chunks=item.prefill_chunks,
+            )
         if item.finish_reason is not None:
             self.pending.discard(item.request_id)
+            self._finish_reasons[item.request_id] = item.finish_reason
         return item
 
     def close(self) -> None:
+        aborted = bool(self.pending)
         if self.pending:
             self._client.abort(sorted(self.pending))
             self.pending.clear()
+        if self._span is not None:
+            reasons = [self._finish_reasons.get(r) for r in self.request_ids]
+            self._span.finish(reasons, error="aborted before it finished" if aborted else None)
 
     def __del__(self) -> None:
         # A response stream that was dropped before it started never runs its `finally`.
@@ -165,7 +183,17 @@ class CoreClient:
         return self.ready
 
     # -- requests ----------------------------------------------------------------------
-    def submit(self, requests: list[ipc.NewRequest]) -> Submission:
+    def submit(self, requests: list[ipc.NewRequest], span: EngineSpan | None = None) -> Submission:
+        """Send the requests to the core. A rejection (ApiError) ends `span` with the error."""
+        try:
+            submission = self._submit(requests, span)
+        except ApiError as err:
+            if span is not None:
+                span.end(error=err.message)
+            raise
+        return submission
+
+    def _submit(self, requests: list[ipc.NewRequest], span: EngineSpan | None) -> Submission:
         self.check_available()
         limit = self.config.max_in_flight
         if any(r.request_id in self._inflight for r in requests):
@@ -180,7 +208,7 @@ class CoreClient:
                 code="queue_full",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
-        submission = Submission(self, [r.request_id for r in requests])
+        submission = Submission(self, [r.request_id for r in requests], span)
         now = time.perf_counter()
         for request in requests:
             self._inflight[request.request_id] = _Tracked(

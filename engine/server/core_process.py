@@ -236,4 +236,5 @@ def _delta(delta: RequestDelta) -> ipc.Delta:
         request.num_prompt_tokens,
         max(request.num_cached_tokens, 0),
         request.times.queue_time if first else None,
+        request.times.prefill_chunks if first else None,
     )

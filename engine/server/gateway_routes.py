@@ -26,6 +26,7 @@ from engine.server.protocol import (
     ReplicaInfo,
 )
 from engine.server.replica import json_response, replica_of
+from traces.spans import EngineSpan
 
 log = logging.getLogger("prefixgate.engine.server")
 
@@ -77,7 +78,8 @@ async def internal_generate(request: Request[Any, Any, Any]) -> Response[Any]:
     )
     request_id = body.request_id or new_id("gen")
     requests = engine_requests(request_id, [Prompt(list(body.token_ids), params)], body.cache_salt, False)
-    submission = replica.client.submit(requests)
+    span = EngineSpan(replica.model_name, request.headers, [r.request_id for r in requests])
+    submission = replica.client.submit(requests, span)
     index = {r.request_id: i for i, r in enumerate(requests)}
     as_msgpack = "msgpack" in request.headers.get("accept", "")
     frames = _generate_frames(submission, index, as_msgpack)

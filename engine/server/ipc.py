@@ -78,6 +78,7 @@ class Delta(Struct, array_like=True):
     num_prompt_tokens: int
     num_cached_tokens: int
     queue_time: float | None  # seconds from arrival at the core to first scheduling; first delta only
+    prefill_chunks: int | None = None  # steps that ran part of the prompt; first delta only
 
 
 class StepOutput(Struct, tag="step"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -33,6 +34,7 @@ from engine.server.openai_types import (
     SamplingFields,
 )
 from engine.server.replica import Replica, json_response, replica_of, unless_disconnected
+from traces.spans import EngineSpan
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -59,7 +61,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         detokenize=replica.text.has_tokenizer,
     )
     request_id = new_id("chatcmpl")
-    generation = _start(replica, request_id, [Prompt(token_ids, params)], body)
+    generation = _start(replica, request_id, [Prompt(token_ids, params)], body, request.headers)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         stream = chat_stream(generation, request_id, logprobs is not None, include_usage)
@@ -92,7 +94,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
         )
         prompts.append(Prompt(token_ids, params))
     request_id = new_id("cmpl")
-    generation = _start(replica, request_id, prompts, body)
+    generation = _start(replica, request_id, prompts, body, request.headers)
     logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -105,9 +107,16 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return json_response(completion(generation, request_id, logprobs))
 
 
-def _start(replica: Replica, request_id: str, prompts: list[Prompt], body: SamplingFields) -> Generation:
+def _start(
+    replica: Replica,
+    request_id: str,
+    prompts: list[Prompt],
+    body: SamplingFields,
+    headers: Mapping[str, str],
+) -> Generation:
     requests = engine_requests(request_id, prompts, body.cache_salt, detokenize=replica.text.has_tokenizer)
-    submission = replica.client.submit(requests)
+    span = EngineSpan(replica.model_name, headers, [r.request_id for r in requests])
+    submission = replica.client.submit(requests, span)
     n = prompts[0].params.n
     return Generation(submission, [len(p.token_ids) for p in prompts], n, replica.model_name, replica.text)
 

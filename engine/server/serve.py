@@ -14,6 +14,7 @@ import uvicorn
 
 from engine.server.app import ReplicaApp
 from engine.server.config import ServerConfig
+from traces import configure_tracing, shutdown_tracing
 
 
 class _DrainingServer(uvicorn.Server):
@@ -30,6 +31,7 @@ def run(config: ServerConfig) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s [api] %(name)s: %(message)s"
     )
+    configure_tracing("prefixgate-engine")
     app = ReplicaApp(config)
     uvicorn_config = uvicorn.Config(
         app,
@@ -40,4 +42,7 @@ def run(config: ServerConfig) -> None:
         lifespan="on",
         timeout_graceful_shutdown=config.drain_timeout_s,
     )
-    _DrainingServer(uvicorn_config, app).run()
+    try:
+        _DrainingServer(uvicorn_config, app).run()
+    finally:
+        shutdown_tracing()
