@@ -45,6 +45,7 @@ from gateway.openai_inputs import chat_ids, completion_ids, generate_request, st
 from gateway.pool import ModelPool
 from gateway.proxy import ProxiedGeneration
 from gateway.registry import Registry
+from traces.spans import GatewaySpan
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
@@ -74,8 +75,19 @@ async def _start(
     generate: GenerateRequest,
 ) -> ProxiedGeneration:
     generate.token_ids = token_ids
+    span = GatewaySpan(
+        "chat" if isinstance(body, ChatCompletionRequest) else "text_completion",
+        body.model or pool.name,
+        request.headers,
+        max_tokens=generate.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        n=generate.n,
+        seed=body.seed,
+        stream=bool(body.stream),
+    )
     generation = ProxiedGeneration(
-        registry, pool, token_ids, generate, stops(body), _session_id(request, body)
+        registry, pool, token_ids, generate, stops(body), _session_id(request, body), span
     )
     await generation.start()
     return generation
@@ -93,6 +105,8 @@ class _Shaper:
         self.model = model
         self.id = request_id
         self.created = int(time.time())
+        if generation.span is not None:
+            generation.span.response_id(request_id)
 
     def usage(self) -> Usage:
         g = self.generation

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cache.hashing import BlockHasher
@@ -63,6 +63,7 @@ class Route:
     replica: Replica
     decision: RoutingDecision
     block_hashes: list[int]
+    matched_blocks: Mapping[str, int]  # per replica: leading blocks its index holds
 
 
 class ModelPool:
@@ -140,4 +141,4 @@ class ModelPool:
             self._sessions.move_to_end(session_id)
             while len(self._sessions) > self._max_sessions:
                 self._sessions.popitem(last=False)
-        return Route(replica, decision, hashes)
+        return Route(replica, decision, hashes, matched)

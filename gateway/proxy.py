@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from engine.detokenizer import IncrementalDetokenizer
 from engine.server.protocol import GenerateFrame, GenerateRequest, TokenLogprob
 from gateway.errors import ApiError
+from gateway.foreign import ForeignStream, TextFrame, open_foreign
 from gateway.pool import ModelPool, Replica, Route
 from gateway.registry import Registry
 from gateway.upstream import GenerateStream, Retryable, UpstreamBroken, open_generate
 from policies.routing import NoReplicaAvailable
+from traces.spans import GatewaySpan
 
 
 @dataclass(slots=True)
@@ -51,12 +53,15 @@ class ProxiedGeneration:
         request: GenerateRequest,
         stop: Sequence[str],
         session_id: str | None,
+        span: GatewaySpan | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
         self.token_ids = token_ids
         self.request = request
+        self.stop = list(stop)
         self.session_id = session_id
+        self.span = span
         self.samples = [Sample(pool.tokenizer.detokenizer(stop, token_ids)) for _ in range(request.n)]
         self.arrived = time.perf_counter()
         self.replica: Replica | None = None
@@ -64,8 +69,9 @@ class ProxiedGeneration:
         self.prompt_tokens = len(token_ids)
         self.cached_tokens = 0
         self.retries = 0
-        self._stream: GenerateStream | None = None
-        self._first: GenerateFrame | None = None
+        self._stream: GenerateStream | ForeignStream | None = None
+        self._first: GenerateFrame | TextFrame | None = None
+        self._reported_completion_tokens: int | None = None  # a foreign backend's usage
         self._uncached = 0
         self._got_first = False
         self._accounted = False
@@ -85,13 +91,25 @@ class ProxiedGeneration:
         metrics.decisions.labels(self.pool.policy.name, route.decision.reason).inc()
         metrics.prompt_tokens.labels(replica.url).inc(len(self.token_ids))
         metrics.predicted_cached.labels(replica.url).inc(route.decision.predicted_cached_tokens)
+        if self.span is not None:
+            self.span.routed(
+                policy=self.pool.policy.name,
+                replica=replica.url,
+                reason=route.decision.reason,
+                prompt_tokens=len(self.token_ids),
+                predicted_cached_tokens=route.decision.predicted_cached_tokens,
+                matched_blocks=route.matched_blocks,
+                attempt=self.retries + 1,
+            )
 
-    def _first_token(self, frame: GenerateFrame) -> None:
+    def _first_token(self) -> None:
         assert self.replica is not None
         if not self._got_first:
             self._got_first = True
             self.replica.prefill_queued -= self._uncached
             self.registry.metrics.ttft.observe(time.perf_counter() - self.arrived)
+            if self.span is not None:
+                self.span.first_token()
 
     def _end(self, outcome: str) -> None:
         if not self._accounted or self.replica is None:
@@ -125,10 +143,26 @@ class ProxiedGeneration:
             hashes = route.block_hashes
             self._begin(route)
             replica = route.replica
+            trace_headers = self.span.downstream_headers() if self.span is not None else None
             try:
-                self._stream = await open_generate(
-                    registry.session, replica.url, self.request, config.connect_timeout_s
-                )
+                if replica.exact:
+                    self._stream = await open_generate(
+                        registry.session, replica.url, self.request, config.connect_timeout_s, trace_headers
+                    )
+                else:
+                    if self.request.logprobs is not None:
+                        raise ApiError(
+                            400, "logprobs are not available from this model's backend", param="logprobs"
+                        )
+                    self._stream = await open_foreign(
+                        registry.session,
+                        replica.url,
+                        self.pool.name,
+                        self.request,
+                        self.stop,
+                        config.connect_timeout_s,
+                        trace_headers,
+                    )
                 first = await self._stream.next()
                 if first is None:
                     raise Retryable("the stream ended before the first frame")
@@ -137,6 +171,7 @@ class ProxiedGeneration:
             except ApiError as err:
                 if err.status != 503:
                     self._end("rejected")
+                    self._finish_span(err.message)
                     raise
                 last = f"{replica.url}: {err.message}"
             else:
@@ -148,7 +183,9 @@ class ProxiedGeneration:
             registry.metrics.retries.labels(replica.url).inc()
             self.retries += 1
             tried.append(replica.url)
-        raise ApiError(503, f"no replica could serve the request ({last})", code="no_replica_available")
+        message = f"no replica could serve the request ({last})"
+        self._finish_span(message)
+        raise ApiError(503, message, code="no_replica_available")
 
     # ---- the stream ------------------------------------------------------------------
 
@@ -162,6 +199,8 @@ class ProxiedGeneration:
                 for delta in self._apply(frame):
                     yield delta
                 if all(s.finish_reason is not None for s in self.samples):
+                    if isinstance(self._stream, ForeignStream):
+                        await self._read_usage(self._stream)
                     outcome = "ok"
                     return
                 try:
@@ -178,8 +217,18 @@ class ProxiedGeneration:
         finally:
             self.close(outcome)
 
-    def _apply(self, frame: GenerateFrame) -> list[Delta]:
-        self._first_token(frame)
+    async def _read_usage(self, stream: ForeignStream) -> None:
+        """A foreign backend reports usage after the last choice finished; a broken tail costs only that."""
+        try:
+            while (frame := await stream.next()) is not None:
+                self._apply_text(frame)
+        except UpstreamBroken:
+            pass
+
+    def _apply(self, frame: GenerateFrame | TextFrame) -> list[Delta]:
+        if isinstance(frame, TextFrame):
+            return self._apply_text(frame)
+        self._first_token()
         sample = self.samples[frame.index]
         if frame.prompt_tokens is not None and frame.index == 0:
             self.prompt_tokens = frame.prompt_tokens
@@ -212,6 +261,34 @@ class ProxiedGeneration:
             out.append(Delta(frame.index, "", [], sample.finish_reason))
         return out
 
+    def _apply_text(self, frame: TextFrame) -> list[Delta]:
+        """A foreign backend's frame: text (it applied the stop strings), or its usage."""
+        if frame.index is None:
+            if frame.prompt_tokens is not None:
+                self.prompt_tokens = frame.prompt_tokens
+            if frame.completion_tokens is not None:
+                self._reported_completion_tokens = frame.completion_tokens
+            if frame.cached_tokens is not None:
+                self.cached_tokens = frame.cached_tokens
+                assert self.replica is not None
+                self.registry.metrics.delivered_cached.labels(self.replica.url).inc(frame.cached_tokens)
+            return []
+        if not 0 <= frame.index < len(self.samples):
+            raise ApiError(502, f"the backend sent choice {frame.index} of {len(self.samples)}")
+        self._first_token()
+        sample = self.samples[frame.index]
+        if sample.finish_reason is not None:
+            return []
+        out = []
+        if frame.text:
+            sample.text.append(frame.text)
+            sample.num_tokens += 1  # a stream chunk per token, as vLLM and SGLang send; usage corrects it
+            out.append(Delta(frame.index, frame.text, [], None))
+        if frame.finish_reason is not None:
+            sample.finish_reason = frame.finish_reason
+            out.append(Delta(frame.index, "", [], frame.finish_reason))
+        return out
+
     async def run(self) -> None:
         async for _ in self.deltas():
             pass
@@ -221,7 +298,25 @@ class ProxiedGeneration:
             self._stream.close()
             self._stream = None
         self._end(outcome)
+        if outcome != "retried":
+            unfinished = any(s.finish_reason is None for s in self.samples)
+            self._finish_span("the request ended before it finished" if unfinished else None)
+
+    def _finish_span(self, error: str | None) -> None:
+        span, self.span = self.span, None
+        if span is None:
+            return
+        span.finished(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+            finish_reasons=[s.finish_reason for s in self.samples],
+            retries=self.retries,
+        )
+        span.end(error)
 
     @property
     def completion_tokens(self) -> int:
+        if self._reported_completion_tokens is not None:
+            return self._reported_completion_tokens
         return sum(s.num_tokens for s in self.samples)

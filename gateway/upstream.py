@@ -64,15 +64,19 @@ def _error(body: ErrorBody) -> ApiError:
 
 
 async def open_generate(
-    session: aiohttp.ClientSession, url: str, request: GenerateRequest, connect_timeout_s: float
+    session: aiohttp.ClientSession,
+    url: str,
+    request: GenerateRequest,
+    connect_timeout_s: float,
+    trace_headers: dict[str, str] | None = None,
 ) -> GenerateStream:
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+    headers = {"content-type": "application/json", "accept": "application/x-ndjson"}
+    if trace_headers:
+        headers.update(trace_headers)
     try:
         response = await session.post(
-            url + "/internal/generate",
-            data=_encoder.encode(request),
-            headers={"content-type": "application/json", "accept": "application/x-ndjson"},
-            timeout=timeout,
+            url + "/internal/generate", data=_encoder.encode(request), headers=headers, timeout=timeout
         )
     except (aiohttp.ClientError, OSError, TimeoutError) as err:
         raise Retryable(f"{type(err).__name__}: {err}") from None

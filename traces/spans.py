@@ -123,13 +123,15 @@ class GatewaySpan(_Span):
         self.span.set_attributes(attributes)
         self.span.add_event("routed", attributes)
 
+    def response_id(self, response_id: str) -> None:
+        self.set({gen_ai.GEN_AI_RESPONSE_ID: response_id})
+
     def first_token(self) -> None:
         self.event("first_token")
 
     def finished(
         self,
         *,
-        response_id: str,
         prompt_tokens: int,
         completion_tokens: int,
         cached_tokens: int,
@@ -138,7 +140,6 @@ class GatewaySpan(_Span):
     ) -> None:
         self.set(
             {
-                gen_ai.GEN_AI_RESPONSE_ID: response_id,
                 gen_ai.GEN_AI_USAGE_INPUT_TOKENS: prompt_tokens,
                 gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS: completion_tokens,
                 gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: cached_tokens,
