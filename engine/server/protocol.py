@@ -12,7 +12,7 @@ snapshot's hash set keeps an exact copy of the replica's cache.
 
 from __future__ import annotations
 
-from typing import Annotated, TypeAlias
+from typing import Annotated, Literal, TypeAlias
 
 from msgspec import Meta, Struct
 
@@ -164,6 +164,14 @@ class DebugState(Struct, kw_only=True):
 TokenId = Annotated[int, Meta(ge=0)]
 
 
+class GrammarSpec(Struct, frozen=True, kw_only=True):
+    """A constraint on the output. json_schema: `text` is the schema as JSON text; lark: an
+    llguidance Lark grammar (it may embed %json{...}); json_object: `text` is empty."""
+
+    kind: Literal["json_schema", "json_object", "lark"]
+    text: str = ""
+
+
 class GenerateRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     """POST /internal/generate. No stop strings: the gateway detokenizes and stops itself
     (closing the stream aborts the request)."""
@@ -184,6 +192,7 @@ class GenerateRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     logprobs: int | None = None
     cache_salt: str | None = None
     request_id: str | None = None
+    grammar: GrammarSpec | None = None
 
 
 class TokenLogprob(Struct, array_like=True):
