@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cache.hashing import BlockHasher
+from cache.inflight_index import InflightPrefixes
 from cache.prefix_index import PrefixIndex
 from engine.server.protocol import LoadReport, ReplicaInfo
 from gateway.text import GatewayTokenizer
@@ -85,6 +86,8 @@ class ModelPool:
         self.hasher = BlockHasher(info.model_id, info.block_size)
         self.policy = policy
         self.index = PrefixIndex(ttl_s=ttl_s, max_entries=approximate_max_blocks)
+        # Prefixes routed and not yet finished: cached there as soon as their prefill runs.
+        self.inflight = InflightPrefixes()
         self.replicas: dict[str, Replica] = {}
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._max_sessions = max_sessions
@@ -106,6 +109,7 @@ class ModelPool:
     def leave(self, replica: Replica) -> None:
         if self.replicas.pop(replica.url, None) is not None:
             self.index.remove_replica(replica.url)
+            self.inflight.forget(replica.url)
         for session, url in list(self._sessions.items()):
             if url == replica.url:
                 del self._sessions[session]
@@ -123,6 +127,10 @@ class ModelPool:
         hashes = block_hashes if block_hashes is not None else self.hasher.hashes(token_ids, cache_salt)
         now = time.monotonic()
         matched = self.index.match_all(hashes, now)
+        for replica_id in self.inflight.replicas():
+            if replica_id in matched:
+                pending = self.inflight.matched_blocks(replica_id, hashes)
+                matched[replica_id] = max(matched[replica_id], pending)
         session_replica = self._sessions.get(session_id) if session_id is not None else None
         request = RoutingRequest(
             num_tokens=len(token_ids),

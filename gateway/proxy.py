@@ -86,6 +86,7 @@ class ProxiedGeneration:
         self._accounted = True
         replica.in_flight += 1
         replica.prefill_queued += self._uncached
+        self.pool.inflight.add(replica.url, route.block_hashes)
         metrics = self.registry.metrics
         metrics.in_flight.labels(replica.url).set(replica.in_flight)
         metrics.decisions.labels(self.pool.policy.name, route.decision.reason).inc()
@@ -119,6 +120,8 @@ class ProxiedGeneration:
         if not self._got_first:
             replica.prefill_queued -= self._uncached
         replica.in_flight -= 1
+        assert self.route is not None
+        self.pool.inflight.remove(replica.url, self.route.block_hashes)
         metrics = self.registry.metrics
         metrics.in_flight.labels(replica.url).set(replica.in_flight)
         metrics.requests.labels(replica.url, outcome).inc()
