@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,3 +237,49 @@ def test_foreign_backend_rejects_logprobs_and_passes_stop(foreign) -> None:
     client.completions.create(model=MODEL, prompt="hello there", max_tokens=4, stop=["END"], seed=7)
     sent = [b.bodies[-1] for b in backends if b.bodies and b.bodies[-1].get("stop") == ["END"]]
     assert len(sent) == 1 and sent[0]["seed"] == 7, [b.bodies[-1:] for b in backends]
+
+
+def test_admin_adds_and_removes_backends_at_run_time(procs, smollm2_dir: Path) -> None:
+    backends = [FakeBackend("gamma"), FakeBackend("delta")]
+    loop, _ = _serve(backends)
+    gamma, delta = backends
+    args = ["gateway", "--log-level", "warning", "--tokenizer", str(smollm2_dir)]
+    gateway = procs([*args, "--foreign-replica", gamma.url]).wait_ready(60)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+
+    def admin(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(gateway.url + path, data=data, method=method)
+        request.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def served_by() -> str:
+        return client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text.split()[-1]
+
+    try:
+        assert served_by() == "gamma"
+        status, body = admin("POST", "/admin/replicas", {"url": delta.url, "foreign": True})
+        assert status == 201 and body["url"] == delta.url
+        deadline = time.monotonic() + 20
+        while {r["url"]: r["status"] for r in admin("GET", "/admin/replicas")[1]["replicas"]}.get(
+            delta.url
+        ) != "healthy":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        status, body = admin("DELETE", f"/admin/replicas?url={gamma.url}")
+        assert status == 200 and body["removed"] is True
+        assert [r["url"] for r in admin("GET", "/admin/replicas")[1]["replicas"]] == [delta.url]
+        assert {served_by() for _ in range(3)} == {"delta"}
+        status, body = admin("POST", "/admin/replicas", {"url": "ftp://nowhere"})
+        assert status == 400 and body["error"]["param"] == "url"
+        status, body = admin("POST", "/admin/replicas", {"address": delta.url})
+        assert status == 400 and "error" in body
+    finally:
+        loop.call_soon_threadsafe(loop.stop)

@@ -288,16 +288,37 @@ def test_kill9_replica_requests_move_to_the_other_and_it_rejoins_exact(cluster) 
             text = await response.text()
             return response.status, response.headers.get("x-prefixgate-replica", ""), text
 
-    async def run() -> tuple[list[tuple[int, str, str]], dict[int, float], float]:
+    async def long_stream(session: aiohttp.ClientSession, i: int) -> tuple[str, str]:
+        messages = [{"role": "user", "content": f"Write a long story number {i}."}]
+        body = {"messages": messages, "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            return response.headers["x-prefixgate-replica"], await response.text()
+
+    async def run() -> tuple[list[tuple[int, str, str]], dict[int, float], float, list[tuple[str, str]]]:
         began: dict[int, float] = {}
         async with aiohttp.ClientSession() as session:
+            # Streams that are mid-way when the replica dies, on both replicas (load spreads them).
+            streams = [asyncio.create_task(long_stream(session, i)) for i in range(4)]
+            await asyncio.sleep(0.3)
             tasks = [asyncio.create_task(one(session, i, began)) for i in range(6)]
             await asyncio.sleep(0.5)
             victim.kill9()
             killed_at = time.monotonic()
-            return await asyncio.gather(*tasks), began, killed_at
+            return await asyncio.gather(*tasks), began, killed_at, await asyncio.gather(*streams)
 
-    results, began, killed_at = asyncio.run(run())
+    results, began, killed_at, streams = asyncio.run(run())
+    # A stream cut after its first token ends with an OpenAI-style error event, then [DONE].
+    cut = [text for replica, text in streams if replica == victim.url]
+    whole = [text for replica, text in streams if replica == survivor.url]
+    assert cut and whole, [replica for replica, _ in streams]
+    for text in cut:
+        events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "replica_failed" and error["message"], error
+    for text in whole:
+        assert '"error"' not in text and text.endswith("data: [DONE]\n\n")
     for i, (status, replica, text) in enumerate(results):
         if began[i] > killed_at:  # not streaming when the replica died: must succeed elsewhere
             assert status == 200 and replica == survivor.url, (status, replica, text)
