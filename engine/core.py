@@ -28,6 +28,7 @@ from engine.request import FinishReason, Request
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
+from engine.structured import GrammarError, StructuredOutputs
 from engine.weights import LoadedModel, load_model
 from policies.eviction import eviction_policy
 from policies.queue import queue_policy
@@ -113,6 +114,13 @@ class EngineCore:
             )
             graphs.capture()
         self.runner = ModelRunner(loaded.model, kv_caches, self.block_size, graphs)
+        self.structured = StructuredOutputs(
+            self._tokenizer,
+            self.model_config.vocab_size,
+            self.model_config.eos_token_ids,
+            self.device,
+            max_rows=config.max_num_seqs,
+        )
         self.stats = EngineStats()
         self._arrivals = itertools.count()
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -141,6 +149,12 @@ class EngineCore:
         request_id = request_id or uuid.uuid4().hex
         prompt = list(prompt_token_ids)
         self._validate(prompt, params)
+        matcher = None
+        if params.grammar is not None:
+            try:
+                matcher = self.structured.new_matcher(params.grammar)
+            except GrammarError as err:
+                raise InvalidRequestError(str(err)) from None
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -156,6 +170,8 @@ class EngineCore:
             generator=generator,
         )
         self.scheduler.add(request)
+        if matcher is not None:
+            self.structured.attach(request_id, matcher)
         if detokenize and self._tokenizer is not None:
             self._detokenizers[request_id] = IncrementalDetokenizer(
                 self._tokenizer, params.stop, prompt_token_ids=prompt
@@ -183,6 +199,7 @@ class EngineCore:
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its blocks are freed (or stay cached) before this returns."""
         self._detokenizers.pop(request_id, None)
+        self.structured.free(request_id)
         return self.scheduler.abort(request_id)
 
     @property
@@ -198,11 +215,25 @@ class EngineCore:
                     "the scheduler admitted nothing with an empty batch: the pool is too small"
                 )
             return []
-        sampled = self.runner.execute(plan)
+        # Started before the forward, so the grammar masks are computed while the model runs.
+        grammar_mask = self.structured.begin_step(plan) if self.structured.active else None
+        try:
+            sampled = self.runner.execute(plan, grammar_mask)
+        finally:
+            if grammar_mask is not None:
+                grammar_mask.settle()
         self.stats.steps += 1
         self.stats.tokens_computed += plan.num_tokens
         touched = self.scheduler.update(plan, sampled)
-        return [self._delta(request) for request in touched]
+        if self.structured.active:
+            for request, reason in self.structured.advance(touched):
+                self.scheduler.finish(request, reason)
+        deltas = [self._delta(request) for request in touched]
+        if self.structured.active:
+            for delta in deltas:
+                if delta.finished:
+                    self.structured.free(delta.request.request_id)
+        return deltas
 
     def _delta(self, request: Request) -> RequestDelta:
         token_id = request.token_ids[-1]
@@ -223,6 +254,11 @@ class EngineCore:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+        orphans = self.structured.request_ids() - {
+            r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)
+        }
+        if orphans:
+            raise AssertionError(f"grammar matchers outlive their requests: {sorted(orphans)}")
 
     def describe(self) -> str:
         return (

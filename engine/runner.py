@@ -10,6 +10,7 @@ from engine.models.decoder import CausalLM
 from engine.request import TokenLogprob
 from engine.sampler import Sampler, SamplerOutput, SamplingInputs
 from engine.scheduler import SampledToken, SchedulePlan
+from engine.structured.outputs import PendingMask
 
 
 class ModelRunner:
@@ -29,8 +30,12 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulePlan) -> list[SampledToken]:
-        """One forward pass over the plan's chunks; one sampled token per sampling chunk."""
+    def execute(self, plan: SchedulePlan, grammar_mask: PendingMask | None = None) -> list[SampledToken]:
+        """One forward pass over the plan's chunks; one sampled token per sampling chunk.
+
+        `grammar_mask`, when given, is being filled for the sampling rows while the forward
+        runs; it is awaited only once the logits exist.
+        """
         chunks = [
             SequenceChunk(
                 token_ids=c.request.token_ids[c.start : c.start + c.num_tokens],
@@ -60,6 +65,7 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids if r.params.needs_penalties else () for r in requests],
             vocab_size=self.vocab_size,
             device=self.device,
+            grammar_blocked=None if grammar_mask is None else grammar_mask.blocked(logits.device),
         )
         out = self.sampler(logits, inputs)
         return _to_host(out, [r.params.logprobs for r in requests])

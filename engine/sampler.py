@@ -13,8 +13,10 @@ Order of operations, per row (the order vLLM and the OpenAI API use):
 2. logprobs: log_softmax of the penalized logits, i.e. BEFORE temperature and the filters, so
    a reported logprob describes the model (plus the penalties the user asked for), not the
    truncated distribution; it is also the same value whatever the temperature;
-3. temperature 0 rows take the argmax of the penalized logits;
-4. other rows: divide by temperature, top-k, top-p (on the top-k renormalized distribution),
+3. the grammar mask (engine/structured/): tokens a row's grammar forbids go to -inf, after the
+   logprobs, so those still describe the model, like the filters below;
+4. temperature 0 rows take the argmax of the penalized, masked logits;
+5. other rows: divide by temperature, top-k, top-p (on the top-k renormalized distribution),
    min-p, then draw with the exponential race `argmax(probs / q)`, `q ~ Exp(1)`.
 """
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured.bitmask import apply_blocked
 
 _NEG_INF = float("-inf")
 # q is clamped away from 0 so that a masked token (prob 0) never scores 0/0 = NaN, which
@@ -92,6 +95,9 @@ class SamplingInputs:
     all_greedy: bool
     all_random: bool
     max_num_logprobs: int | None  # K for the top logprobs; None when no row asked
+    # [B, V] bool, True where a row's grammar forbids the token (all False in rows without
+    # one); None when no row has a grammar.
+    grammar_blocked: torch.Tensor | None = None
 
     @property
     def any_penalties(self) -> bool:
@@ -117,6 +123,7 @@ class SamplingInputs:
         output_token_ids: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device | str,
+        grammar_blocked: torch.Tensor | None = None,
     ) -> SamplingInputs:
         batch = len(params)
         if not len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch:
@@ -181,6 +188,7 @@ class SamplingInputs:
             all_greedy=not random_params,
             all_random=not any(greedy),
             max_num_logprobs=min(max(requested), vocab_size) if requested else None,
+            grammar_blocked=grammar_blocked,
         )
 
 
@@ -284,6 +292,16 @@ def _exponential_noise(probs: torch.Tensor, inputs: SamplingInputs) -> torch.Ten
     return noise.clamp_min_(_TINY)
 
 
+def _masked(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """Grammar-forbidden tokens at -inf, in a new tensor; `logits` itself when no row has a grammar.
+
+    Rows without a grammar have no blocked token, so their values stay the same bit for bit.
+    """
+    if inputs.grammar_blocked is None:
+        return logits
+    return apply_blocked(logits, inputs.grammar_blocked)
+
+
 class Sampler:
     """Turns one step's logits into tokens (and logprobs) for every row in one batched pass."""
 
@@ -293,13 +311,15 @@ class Sampler:
         Greedy rows' values are meaningless. Exposed so tests and tools can inspect exactly the
         distribution `__call__` samples from.
         """
-        return self._filtered_logits(apply_penalties(logits.float(), inputs), inputs).softmax(dim=-1)
+        logits = _masked(apply_penalties(logits.float(), inputs), inputs)
+        return self._filtered_logits(logits, inputs).softmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[1] != inputs.vocab_size:
             raise ValueError(f"logits must be [B, {inputs.vocab_size}], got {tuple(logits.shape)}")
         logits = apply_penalties(logits.float(), inputs)
         all_logprobs = logits.log_softmax(dim=-1) if inputs.max_num_logprobs is not None else None
+        logits = _masked(logits, inputs)
 
         if inputs.all_greedy:
             token_ids = logits.argmax(dim=-1)

@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
+
+GrammarKind = Literal["json_schema", "json_object", "lark"]
+GRAMMAR_KINDS: tuple[str, ...] = get_args(GrammarKind)
 
 # Past this many top logprobs per token the response size, not the model, dominates.
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A constraint on the output, enforced token by token (engine/structured/).
+
+    `json_schema`: `text` is the schema as JSON text; `json_object`: any JSON object, `text`
+    empty; `lark`: `text` is an llguidance Lark grammar (it may embed `%json{...}`).
+    """
+
+    kind: GrammarKind
+    text: str = ""
+
+    def problem(self) -> str | None:
+        if self.kind not in GRAMMAR_KINDS:
+            return f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}, got {self.kind!r}"
+        if self.kind == "json_object" and self.text:
+            return "a json_object grammar takes no text"
+        if self.kind != "json_object" and not self.text.strip():
+            return f"a {self.kind} grammar needs its text"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +57,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: Grammar | None = None  # structured output; checked against the tokenizer on admission
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -62,6 +88,8 @@ class SamplingParams:
             return "stop strings must not be empty"
         if any(t < 0 for t in self.stop_token_ids):
             return "stop_token_ids must be non-negative"
+        if self.grammar is not None:
+            return self.grammar.problem()
         return None
 
     @property
