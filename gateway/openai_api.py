@@ -40,8 +40,10 @@ from engine.server.openai_types import (
     Usage,
 )
 from engine.server.protocol import GenerateRequest, TokenLogprob
+from engine.server.response_format import ChatOutputPlan
+from engine.server.tool_calls import ToolDeltaStream, assistant_message, finish_reason, message_finish_reason
 from gateway.errors import ApiError, bad_request, decode_json, error_json
-from gateway.openai_inputs import chat_ids, completion_ids, generate_request, stops
+from gateway.openai_inputs import chat_ids, chat_plan, completion_ids, generate_request, stops
 from gateway.pool import ModelPool
 from gateway.proxy import ProxiedGeneration
 from gateway.registry import Registry
@@ -171,7 +173,8 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     registry = registry_of(request)
     body = decode_json(await request.body(), ChatCompletionRequest)
     pool = registry.pool_for(body.model)
-    token_ids = chat_ids(body, pool.tokenizer)
+    plan = chat_plan(body)
+    token_ids = chat_ids(body, pool.tokenizer, plan)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= _MAX_TOP_LOGPROBS:
@@ -181,30 +184,34 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, param = body.max_tokens, "max_tokens"
-    generate = generate_request(body, pool, len(token_ids), max_tokens, param, logprobs, "messages")
+    generate = generate_request(
+        body, pool, len(token_ids), max_tokens, param, logprobs, "messages", plan.grammar
+    )
     generation = await _start(request, registry, pool, body, token_ids, generate)
     shaper = _Shaper(generation, body.model or pool.name, f"chatcmpl-{uuid.uuid4().hex}")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        stream = _chat_stream(shaper, logprobs is not None, include_usage)
+        stream = _chat_stream(shaper, logprobs is not None, include_usage, plan)
         return Stream(stream, media_type="text/event-stream", headers=_headers(generation, _SSE_HEADERS))
     await _run_unless_disconnected(request, generation)
-    choices = [
-        ChatChoice(
-            i,
-            AssistantMessage("".join(s.text)),
-            shaper.chat_logprobs(s.logprobs) if logprobs is not None else None,
-            s.finish_reason,
-        )
-        for i, s in enumerate(generation.samples)
-    ]
+    choices = []
+    for i, s in enumerate(generation.samples):
+        text = "".join(s.text)
+        if plan.parse_tool_calls:
+            message = assistant_message(text, plan.tool_names, plan.max_calls)
+        else:
+            message = AssistantMessage(text)
+        lp = shaper.chat_logprobs(s.logprobs) if logprobs is not None else None
+        choices.append(ChatChoice(i, message, lp, message_finish_reason(message, s.finish_reason)))
     completion = ChatCompletion(
         id=shaper.id, created=shaper.created, model=shaper.model, choices=choices, usage=shaper.usage()
     )
     return _json(completion, _headers(generation))
 
 
-async def _chat_stream(shaper: _Shaper, logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_stream(
+    shaper: _Shaper, logprobs: bool, include_usage: bool, plan: ChatOutputPlan
+) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return _sse(
             ChatCompletionChunk(
@@ -213,15 +220,29 @@ async def _chat_stream(shaper: _Shaper, logprobs: bool, include_usage: bool) -> 
         )
 
     generation = shaper.generation
+    tools = None
+    if plan.parse_tool_calls:
+        tools = [ToolDeltaStream(plan.tool_names, plan.max_calls) for _ in generation.samples]
     try:
         for i in range(len(generation.samples)):
             yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
         async for delta in generation.deltas():
             if delta.finish_reason is not None:
-                yield chunk([ChatChunkChoice(delta.index, ChatDelta(), None, delta.finish_reason)])
-            else:
+                made_calls = False
+                if tools is not None:
+                    for out in tools[delta.index].finish():
+                        yield chunk([ChatChunkChoice(delta.index, out)])
+                    made_calls = tools[delta.index].made_calls
+                reason = finish_reason(delta.finish_reason, made_calls)
+                yield chunk([ChatChunkChoice(delta.index, ChatDelta(), None, reason)])
+            elif tools is None:
                 lp = shaper.chat_logprobs(delta.logprobs) if logprobs else None
                 yield chunk([ChatChunkChoice(delta.index, ChatDelta(content=delta.text), lp)])
+            else:
+                lp = shaper.chat_logprobs(delta.logprobs) if logprobs and delta.logprobs else None
+                deltas = tools[delta.index].feed(delta.text) or ([ChatDelta(content="")] if lp else [])
+                for k, out in enumerate(deltas):
+                    yield chunk([ChatChunkChoice(delta.index, out, lp if k == 0 else None)])
         if include_usage:
             yield chunk([], shaper.usage())
         yield _DONE

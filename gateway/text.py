@@ -74,13 +74,19 @@ class GatewayTokenizer:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         if self._template is None:
             raise PromptError("this model has no chat template: use /v1/completions")
         try:
             rendered = self._template.render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special
+                messages=list(messages),
+                tools=tools,  # passed even when None, as transformers does
+                add_generation_prompt=add_generation_prompt,
+                **self.special,
             )
         except Exception as err:  # jinja raises many types; all mean the messages do not fit
             raise PromptError(f"the messages do not fit the model's chat template: {err}") from err

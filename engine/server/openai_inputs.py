@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from engine.sampling_params import MAX_TOP_LOGPROBS, Grammar, SamplingParams
 from engine.server import ipc
 from engine.server.errors import ApiError, bad_request
 from engine.server.openai_types import (
@@ -20,9 +20,12 @@ from engine.server.openai_types import (
     CompletionRequest,
     SamplingFields,
     UnsupportedContentError,
-    template_messages,
 )
+from engine.server.protocol import GrammarSpec
+from engine.server.response_format import ChatOutputPlan, chat_output_plan
 from engine.server.tokenizer import PromptError, TextTools
+from engine.server.tool_calls import RequestFieldError
+from engine.server.tool_prompt import template_inputs
 
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
@@ -43,15 +46,25 @@ class Prompt:
 # --- prompts ----------------------------------------------------------------------------
 
 
-def chat_prompt_ids(request: ChatCompletionRequest, text: TextTools) -> list[int]:
+def chat_plan(request: ChatCompletionRequest) -> ChatOutputPlan:
+    """Tools to parse and the grammar to enforce (tools, tool_choice, response_format)."""
+    try:
+        return chat_output_plan(request)
+    except RequestFieldError as err:
+        raise bad_request(str(err), err.param) from None
+
+
+def chat_prompt_ids(request: ChatCompletionRequest, text: TextTools, plan: ChatOutputPlan) -> list[int]:
     if not request.messages:
         raise bad_request("messages must not be empty", "messages")
     try:
-        messages = template_messages(request.messages)
+        messages, tools = template_inputs(request.messages, plan.tools, text.chat_template)
     except UnsupportedContentError as err:
         raise bad_request(str(err), err.param) from None
     try:
-        ids = text.apply_chat_template(messages, add_generation_prompt=request.add_generation_prompt)
+        ids = text.apply_chat_template(
+            messages, add_generation_prompt=request.add_generation_prompt, tools=tools
+        )
     except PromptError as err:
         raise bad_request(str(err), "messages") from None
     if not ids:
@@ -110,6 +123,7 @@ def sampling_params(
     logprobs: int | None,
     prompt_param: str,
     detokenize: bool = True,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     if request.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
@@ -157,6 +171,7 @@ def sampling_params(
         "stop_token_ids": stop_token_ids,
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,
+        "grammar": None if grammar is None else Grammar(grammar.kind, grammar.text),
     }
     try:
         return SamplingParams(**fields)

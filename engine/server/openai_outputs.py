@@ -34,7 +34,9 @@ from engine.server.openai_types import (
     Usage,
 )
 from engine.server.protocol import TokenLogprob
+from engine.server.response_format import ChatOutputPlan
 from engine.server.tokenizer import TextTools
+from engine.server.tool_calls import ToolDeltaStream, assistant_message, finish_reason, message_finish_reason
 
 # JSON has no -inf; OpenAI clients expect a number, as vLLM sends.
 _MIN_LOGPROB = -9999.0
@@ -129,16 +131,18 @@ class Generation:
 # --- whole responses -------------------------------------------------------------------
 
 
-def chat_completion(generation: Generation, request_id: str, logprobs: bool) -> ChatCompletion:
-    choices = [
-        ChatChoice(
-            i,
-            AssistantMessage("".join(c.text)),
-            generation.chat_logprobs(c.logprobs) if logprobs else None,
-            c.finish_reason,
-        )
-        for i, c in enumerate(generation.choices)
-    ]
+def chat_completion(
+    generation: Generation, request_id: str, logprobs: bool, plan: ChatOutputPlan | None = None
+) -> ChatCompletion:
+    choices = []
+    for i, c in enumerate(generation.choices):
+        text = "".join(c.text)
+        if plan is not None and plan.parse_tool_calls:
+            message = assistant_message(text, plan.tool_names, plan.max_calls)
+        else:
+            message = AssistantMessage(text)
+        lp = generation.chat_logprobs(c.logprobs) if logprobs else None
+        choices.append(ChatChoice(i, message, lp, message_finish_reason(message, c.finish_reason)))
     return ChatCompletion(
         id=request_id,
         created=generation.created,
@@ -171,9 +175,13 @@ def completion(generation: Generation, request_id: str, logprobs: bool) -> Compl
 
 
 async def chat_stream(
-    generation: Generation, request_id: str, logprobs: bool, include_usage: bool
+    generation: Generation,
+    request_id: str,
+    logprobs: bool,
+    include_usage: bool,
+    plan: ChatOutputPlan | None = None,
 ) -> AsyncIterator[bytes]:
-    """Role delta per choice, content deltas, a finish chunk per choice, usage, [DONE]."""
+    """Role delta per choice, content (and tool call) deltas, a finish chunk per choice, usage, [DONE]."""
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return sse(
@@ -186,16 +194,28 @@ async def chat_stream(
             )
         )
 
+    tools = None
+    if plan is not None and plan.parse_tool_calls:
+        tools = [ToolDeltaStream(plan.tool_names, plan.max_calls) for _ in generation.choices]
     try:
         for i in range(len(generation.choices)):
             yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
         while not generation.submission.done:
             index, delta = await generation.next()
-            if delta.text or (logprobs and delta.logprobs):
-                lp = generation.chat_logprobs(delta.logprobs or []) if logprobs else None
-                yield chunk([ChatChunkChoice(index, ChatDelta(content=delta.text), lp)])
+            lp = generation.chat_logprobs(delta.logprobs or []) if logprobs and delta.logprobs else None
+            if tools is None:
+                deltas = [ChatDelta(content=delta.text)] if delta.text else []
+            else:
+                deltas = tools[index].feed(delta.text)
+                if delta.finish_reason is not None:
+                    deltas += tools[index].finish()
+            if lp is not None and not deltas:
+                deltas = [ChatDelta(content="")]
+            for k, out in enumerate(deltas):
+                yield chunk([ChatChunkChoice(index, out, lp if k == 0 else None)])
             if delta.finish_reason is not None:
-                yield chunk([ChatChunkChoice(index, ChatDelta(), None, delta.finish_reason)])
+                reason = finish_reason(delta.finish_reason, tools is not None and tools[index].made_calls)
+                yield chunk([ChatChunkChoice(index, ChatDelta(), None, reason)])
         if include_usage:
             yield chunk([], generation.usage())
         yield _DONE

@@ -12,6 +12,7 @@ from engine.server.errors import decode_json
 from engine.server.openai_inputs import (
     Prompt,
     chat_logprobs,
+    chat_plan,
     chat_prompt_ids,
     check_completion_options,
     completion_prompt_ids,
@@ -44,7 +45,8 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     replica = replica_of(request)
     body = decode_json(await request.body(), ChatCompletionRequest)
     replica.check_model(body.model)
-    token_ids = chat_prompt_ids(body, replica.text)
+    plan = chat_plan(body)
+    token_ids = chat_prompt_ids(body, replica.text, plan)
     logprobs = chat_logprobs(body)
     if body.max_completion_tokens is not None:
         max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
@@ -59,18 +61,19 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         logprobs=logprobs,
         prompt_param="messages",
         detokenize=replica.text.has_tokenizer,
+        grammar=plan.grammar,
     )
     request_id = new_id("chatcmpl")
     generation = _start(replica, request_id, [Prompt(token_ids, params)], body, request.headers)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        stream = chat_stream(generation, request_id, logprobs is not None, include_usage)
+        stream = chat_stream(generation, request_id, logprobs is not None, include_usage, plan)
         return Stream(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
     try:
         await unless_disconnected(request, generation.run())
     finally:
         generation.submission.close()
-    return json_response(chat_completion(generation, request_id, logprobs is not None))
+    return json_response(chat_completion(generation, request_id, logprobs is not None, plan))
 
 
 @post("/v1/completions", status_code=200)

@@ -38,19 +38,34 @@ class TextTools:
     def has_chat_template(self) -> bool:
         return self.tokenizer is not None and bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def chat_template(self) -> str | None:
+        """The template's source (engine/server/tool_calls.py asks whether it knows tools)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        return template if isinstance(template, str) else None
+
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise PromptError("this model has no tokenizer: send the prompt as token ids")
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         if not self.has_chat_template:
             raise PromptError("this model has no chat template: use /v1/completions")
         try:
             ids = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+                list(messages),
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=True,
             )["input_ids"]
         except Exception as err:  # jinja raises many types; all mean the messages do not fit the template
             raise PromptError(f"the messages do not fit the model's chat template: {err}") from err
