@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks, per replica")
     serve.add_argument("--engine-arg", action="append", default=[], help="passed on to each replica")
 
+    from bench.simulator.cli import add_bench_commands, run_bench
+
+    add_bench_commands(commands)
+
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return _engine(args)
     if args.command in ("gateway", "serve"):
         return _gateway(args)
+    if args.command == "bench":
+        return run_bench(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,99 @@
+"""How long one engine step takes: a linear model in what the step computes and reads.
+
+    step_ms = step_base_ms                                  weights read, launches, sampling
+            + token_ms        * tokens in the step          GEMMs, per token computed
+            + context_pair_ms * sum(chunk x cached context)  a prefill chunk attending to KV
+                                                             already in the cache
+            + self_pair_ms    * sum(chunk^2 / 2)            a chunk attending to itself (causal)
+            + kv_read_ms_per_token * KV tokens decodes read  each decode reads its whole KV; a
+                                                             block shared by several, once
+            + seq_ms          * sequences in the step       per-sequence host and kernel work
+
+A step holds the engine's batch: decodes first, then prefill chunks, within
+max_batched_tokens and max_num_seqs (engine/scheduler.py). The constants come from our own GPU
+runs of bench/offline.py (llama3-8b shape, bf16, max_num_seqs 256, max_batched_tokens 8192);
+`bench/simulator/calibration.py` derives them from the result files and replays the same four
+scenarios through a simulated replica, so the fit is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Llama-3-8B: 32 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes (bf16).
+LLAMA3_8B_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Step-time constants of one card running one model shape (see the module docstring).
+
+    Derivation, per card, from bench/results/offline-llama3-8b-<card>.json:
+    - kv_read_ms_per_token: KV bytes per token / the copy bandwidth measured in the same run.
+    - token_ms: (bare 128-token TTFT - decode ms/step at batch 1) / 127: the cost of 127 more
+      tokens in one step, everything else equal.
+    - step_base_ms: decode ms/step at batch 1 minus one token, one sequence and its KV read
+      (prompt 512 + ~64 generated tokens on average).
+    - context_pair_ms: (TTFT of 128 new on 8,192 cached - bare 128-token TTFT) / (128 x 8,192).
+    - self_pair_ms: the cold 8,320-token TTFT is two steps (8,192-token budget): a 8,192-token
+      chunk and then 128 tokens on 8,192 cached (which costs the cached TTFT); what the first
+      step leaves after base and tokens is its causal attention, 8,192^2 / 2 pairs.
+    - seq_ms: fitted (bisection) so that the ShareGPT-like scenario's requests/s, replayed
+      through a simulated replica, equals the measured one.
+    The shared-prefix scenario (8 x 32 requests on 2,048-token prefixes) is the hold-out check.
+    """
+
+    card: str
+    source: str
+    step_base_ms: float
+    token_ms: float
+    context_pair_ms: float
+    self_pair_ms: float
+    kv_read_ms_per_token: float
+    seq_ms: float
+    dedup_shared_kv: bool = True  # see SimReplica._distinct_kv_tokens
+
+    def step_ms(
+        self,
+        tokens: int,
+        sequences: int,
+        context_pairs: float,
+        self_pairs: float,
+        decode_context: int,
+    ) -> float:
+        return (
+            self.step_base_ms
+            + self.token_ms * tokens
+            + self.context_pair_ms * context_pairs
+            + self.self_pair_ms * self_pairs
+            + self.kv_read_ms_per_token * decode_context
+            + self.seq_ms * sequences
+        )
+
+
+# Written by `python -m bench.simulator.calibration <file>` (see LatencyModel for the derivation).
+# Hold-out check, shared-prefix output tok/s: H100 measured 6,471, simulated 5,901 (-8.8%);
+# H200 measured 7,144, simulated 8,053 (+12.7%). Every other scenario is fitted exactly.
+H100_80GB = LatencyModel(
+    card="NVIDIA H100 80GB HBM3",
+    source="bench/results/offline-llama3-8b-NVIDIA_H100_80GB_HBM3.json",
+    step_base_ms=6.67415,
+    token_ms=0.0201460,
+    context_pair_ms=3.18811e-06,
+    self_pair_ms=1.82051e-06,
+    kv_read_ms_per_token=4.34607e-05,
+    seq_ms=0.0733757,
+)
+
+H200 = LatencyModel(
+    card="NVIDIA H200",
+    source="bench/results/offline-llama3-8b-NVIDIA_H200.json",
+    step_base_ms=5.09685,
+    token_ms=0.0226748,
+    context_pair_ms=3.08569e-06,
+    self_pair_ms=1.16507e-06,
+    kv_read_ms_per_token=3.06948e-05,
+    seq_ms=0.0320778,
+)
+
+CARDS: dict[str, LatencyModel] = {"h100": H100_80GB, "h200": H200}
