@@ -7,12 +7,12 @@
     reply.usage_metadata["input_token_details"]["cache_read"]  # prompt tokens served from cache
 
 What it changes from ChatOpenAI: base_url defaults to http://127.0.0.1:8080/v1 (or
-$PREFIXGATE_BASE_URL), the model to "default" and the API key to a placeholder (or
-$PREFIXGATE_API_KEY); usage is streamed (stream_usage=True), so streamed answers report
-cached tokens too; `session_id` becomes the x-session-id header (the gateway keeps the
-session on the replica that holds its KV) and `cache_salt` goes in every request body (the
-tenant's cache is then shared only with requests of the same salt). One instance serves one
-session id; `for_session(...)` gives a runnable bound to another.
+$PREFIXGATE_BASE_URL; a URL without a path gets /v1), the model to "default" and the API
+key to a placeholder (or $PREFIXGATE_API_KEY); usage is streamed (stream_usage=True), so
+streamed answers report cached tokens too; `session_id` becomes the x-session-id header
+(the gateway keeps the session on the replica that holds its KV) and `cache_salt` goes in
+every request body (the tenant's cache is then shared only with requests of the same salt).
+One instance serves one session id; `for_session(...)` gives a runnable bound to another.
 
 Needs the `langchain` extra: `pip install 'prefixgate[langchain]'`.
 """
@@ -30,7 +30,7 @@ from langchain_core.utils import from_env, secret_from_env
 from langchain_openai import ChatOpenAI
 from pydantic import Field, SecretStr, model_validator
 
-from prefixgate._http import DEFAULT_BASE_URL, SESSION_HEADER
+from prefixgate._http import DEFAULT_BASE_URL, SESSION_HEADER, normalize_base_url
 
 __all__ = ["ChatPrefixgate"]
 
@@ -55,6 +55,9 @@ class ChatPrefixgate(ChatOpenAI):
         # Before ChatOpenAI builds its OpenAI clients from default_headers / extra_body.
         if not isinstance(values, dict):
             return values
+        for key in ("base_url", "openai_api_base"):
+            if values.get(key):  # http://host:8080 means http://host:8080/v1, as for Client
+                values[key] = normalize_base_url(values[key])
         session_id = values.get("session_id")
         if session_id:
             headers = dict(values.get("default_headers") or {})
