@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import GatewayMetrics
 from gateway.registry import Registry
+from gateway.replica_http import close_connections
 
 
 class GatewayApp:
@@ -27,7 +28,7 @@ class GatewayApp:
         self.litestar = Litestar(
             route_handlers=[*openai_api.ROUTES, *admin_routes.ROUTES],
             on_startup=[self.registry.start],
-            on_shutdown=[self.registry.stop],
+            on_shutdown=[self.registry.stop, close_connections],
             exception_handlers=EXCEPTION_HANDLERS,
             state=State({"registry": self.registry}),
             openapi_config=None,

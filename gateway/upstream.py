@@ -7,11 +7,14 @@ request; an ApiError is the request's own fault (a 4xx), which every replica wou
 
 from __future__ import annotations
 
+import functools
+
 import aiohttp
 import msgspec
 
 from engine.server.protocol import ErrorBody, ErrorFrame, GenerateFrame, GenerateRequest
 from gateway.errors import ApiError
+from gateway.replica_http import ReplicaResponse, connections
 
 _encoder = msgspec.json.Encoder()
 _frame = msgspec.json.Decoder(GenerateFrame)
@@ -29,7 +32,7 @@ class UpstreamBroken(Exception):
 
 
 class GenerateStream:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse | ReplicaResponse) -> None:
         self._response = response
         self.finished = False
 
@@ -63,6 +66,14 @@ def _error(body: ErrorBody) -> ApiError:
     return ApiError.from_body(status, body)
 
 
+_GENERATE_HEADERS = {"content-type": "application/json", "accept": "application/x-ndjson"}
+
+
+@functools.lru_cache(maxsize=8)
+def _connect_timeout(connect_timeout_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+
+
 async def open_generate(
     session: aiohttp.ClientSession,
     url: str,
@@ -70,14 +81,17 @@ async def open_generate(
     connect_timeout_s: float,
     trace_headers: dict[str, str] | None = None,
 ) -> GenerateStream:
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
-    headers = {"content-type": "application/json", "accept": "application/x-ndjson"}
-    if trace_headers:
-        headers.update(trace_headers)
+    headers = {**_GENERATE_HEADERS, **trace_headers} if trace_headers else _GENERATE_HEADERS
+    body = _encoder.encode(request)
+    response: aiohttp.ClientResponse | ReplicaResponse
     try:
-        response = await session.post(
-            url + "/internal/generate", data=_encoder.encode(request), headers=headers, timeout=timeout
-        )
+        if url.startswith("http://"):  # the hot path: gateway/replica_http.py says why
+            response = await connections().post(url + "/internal/generate", body, headers, connect_timeout_s)
+        else:
+            timeout = _connect_timeout(connect_timeout_s)
+            response = await session.post(
+                url + "/internal/generate", data=body, headers=headers, timeout=timeout
+            )
     except (aiohttp.ClientError, OSError, TimeoutError) as err:
         raise Retryable(f"{type(err).__name__}: {err}") from None
     if response.status == 200:
