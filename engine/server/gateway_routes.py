@@ -75,6 +75,7 @@ async def internal_generate(request: Request[Any, Any, Any]) -> Response[Any]:
         logprobs=body.logprobs,
         prompt_param="token_ids",
         detokenize=False,
+        grammar=body.grammar,  # checked against the tokenizer by the core: a bad one is a 400
     )
     request_id = body.request_id or new_id("gen")
     requests = engine_requests(request_id, [Prompt(list(body.token_ids), params)], body.cache_salt, False)
