@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import llguidance
@@ -198,3 +199,13 @@ def test_sampler_draws_only_allowed_tokens_and_reports_the_models_logprobs() -> 
         assert torch.equal(out.top_token_ids, plain.top_token_ids)  # logprobs describe the model
     probs = sampler.probabilities(logits, inputs(blocked))
     assert probs[3][blocked[3]].sum().item() == 0.0
+
+
+def test_an_engine_without_llguidance_refuses_grammars_clearly(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import now raises ImportError
+    outputs = StructuredOutputs(tokenizer, tokenizer.get_vocab_size(), [EOS], CPU, max_rows=2)
+    with pytest.raises(GrammarError, match=r"pip install 'llguidance>=1\.0'"):
+        outputs.new_matcher(Grammar("json_object"))
+    assert outputs.begin_step(_plan((_request("b", None), True))) is None  # plain rows still run
