@@ -288,11 +288,14 @@ def test_kill9_replica_requests_move_to_the_other_and_it_rejoins_exact(cluster) 
             text = await response.text()
             return response.status, response.headers.get("x-prefixgate-replica", ""), text
 
+    streaming = asyncio.Semaphore(0)
+
     async def long_stream(session: aiohttp.ClientSession, i: int) -> tuple[str, str]:
         messages = [{"role": "user", "content": f"Write a long story number {i}."}]
         body = {"messages": messages, "max_tokens": 400, "ignore_eos": True, "stream": True}
         async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
             assert response.status == 200
+            streaming.release()
             return response.headers["x-prefixgate-replica"], await response.text()
 
     async def run() -> tuple[list[tuple[int, str, str]], dict[int, float], float, list[tuple[str, str]]]:
@@ -300,7 +303,8 @@ def test_kill9_replica_requests_move_to_the_other_and_it_rejoins_exact(cluster) 
         async with aiohttp.ClientSession() as session:
             # Streams that are mid-way when the replica dies, on both replicas (load spreads them).
             streams = [asyncio.create_task(long_stream(session, i)) for i in range(4)]
-            await asyncio.sleep(0.3)
+            for _ in streams:  # all four streaming (routed by load alone) before anything else is sent
+                await asyncio.wait_for(streaming.acquire(), 120)
             tasks = [asyncio.create_task(one(session, i, began)) for i in range(6)]
             await asyncio.sleep(0.5)
             victim.kill9()
