@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             names = ", ".join(d.name for d in retrieved)
             print(f"query {number}: {prompt} prompt tokens, {cached} cached ({share:.0%}) | docs: {names}")
             print(f"  Q: {question}")
-            print(f"  A: {reply.text.strip()}")
+            print(f"  A: {' '.join(reply.text.split())}")
     later = shares[1:]
     if later:
         print(

@@ -45,6 +45,8 @@ TASK = (
     "and how long can the customer return an opened kettle?"
 )
 
+FINAL_NUDGE = "That is enough tool use. Answer the task now in plain words, without calling a tool."
+
 TOOLS: list[dict[str, Any]] = [
     {
         "type": "function",
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             client,
             system=SYSTEM,
             tools=TOOLS,
+            parallel_tool_calls=False,  # one action per step, as ReAct takes them
             max_tokens=args.max_tokens,
             temperature=0,
             cache_salt=args.cache_salt,
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"task: {TASK}\nsession: {session.session_id}")
         for step in range(1, args.steps + 1):
             last = step == args.steps
+            if last:
+                session.add_user(FINAL_NUDGE)
             try:
                 reply = session.send(tool_choice="none" if last else args.tool_choice)
             except PrefixgateError as err:
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({turn.cached_fraction:.0%})"
             )
             message = reply.message
+            if reply.choices[0].finish_reason == "length":
+                print(f"  (cut at --max-tokens {args.max_tokens})")
             if message.content and message.content.strip():
                 print(f"  {'answer' if not message.tool_calls else 'thought'}: {message.content.strip()}")
             if not message.tool_calls:

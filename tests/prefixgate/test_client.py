@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import uuid
 
 import pytest
@@ -159,3 +160,51 @@ async def test_async_client_and_session(gateway_url: str) -> None:
         await session.send("And item 4?")
         assert session.messages[-3]["content"] == text
         assert all(t.cached_fraction >= 0.8 for t in session.turns[1:]), session.turns
+
+
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+def test_session_tool_round_trip_whole_and_streamed(client: Client) -> None:
+    system = long_system_prompt()
+    whole = Session(
+        client, system=system, tools=WEATHER_TOOLS, parallel_tool_calls=False, max_tokens=40, temperature=0
+    )
+    streamed = Session(
+        client, system=system, tools=WEATHER_TOOLS, parallel_tool_calls=False, max_tokens=40, temperature=0
+    )
+    question = "What is the weather in Paris?"
+    whole.send(question, tool_choice="required")
+    chunks = list(streamed.stream(question, tool_choice="required"))
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    for session in (whole, streamed):
+        [call] = session.pending_tool_calls
+        assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+        assert session.turns[0].finish_reason == "tool_calls"
+        session.add_tool_result(call.id, "Sunny, 24 C", name="get_weather")
+        session.send(max_tokens=12)
+        assert session.pending_tool_calls == []
+        assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "tool", "assistant"]
+        assert session.turns[1].cached_fraction >= 0.8, session.turns
+    # The streamed reply was put back together into the same message as the whole one.
+    strip_ids = [
+        {**m, "tool_calls": [{**c, "id": ""} for c in m["tool_calls"]]} if m.get("tool_calls") else m
+        for m in streamed.messages[:3]
+    ]
+    assert strip_ids == [
+        {**m, "tool_calls": [{**c, "id": ""} for c in m["tool_calls"]]} if m.get("tool_calls") else m
+        for m in whole.messages[:3]
+    ]

@@ -7,8 +7,10 @@ import uuid
 from functools import reduce
 
 import pytest
-from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
 
 from prefixgate.langchain import ChatPrefixgate
 
@@ -94,3 +96,48 @@ def test_chat_prefixgate_cache_salt_separates_tenants(gateway_url: str) -> None:
     assert cache_read(tenant_a) < 32
     assert cache_read(tenant_b) < 32  # the same prompt under another salt shares nothing
     assert cache_read(tenant_a) > 300
+
+
+class Capital(BaseModel):
+    """A country and its capital city."""
+
+    country: str
+    capital: str
+
+
+@tool
+def get_weather(city: str) -> str:
+    """The current weather in a city."""
+    return f"Sunny, 24 C in {city}"
+
+
+def test_bind_tools_round_trip(gateway_url: str) -> None:
+    model = ChatPrefixgate(base_url=gateway_url, temperature=0, max_tokens=40, session_id="lc-tools")
+    with_tools = model.bind_tools([get_weather], tool_choice="required", parallel_tool_calls=False)
+    messages: list[BaseMessage] = [*_context()[:1], HumanMessage("What is the weather in Lyon?")]
+    asked = with_tools.invoke(messages)
+    [call] = asked.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str)
+    messages += [asked, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
+    answer = model.invoke(messages)
+    assert isinstance(answer.content, str) and not answer.tool_calls
+    usage = answer.usage_metadata
+    assert usage is not None and usage["input_token_details"]["cache_read"] >= 0.8 * usage["input_tokens"]
+
+
+def test_with_structured_output(gateway_url: str) -> None:
+    model = ChatOpenAI(
+        base_url=gateway_url + "/v1",
+        api_key="none",
+        model="default",
+        temperature=0,
+        max_tokens=48,
+        max_retries=0,
+    )
+    question = "What is the capital of France? Give the country and its capital."
+    for method in ("json_schema", "function_calling"):
+        answer = model.with_structured_output(Capital, method=method).invoke(question)
+        assert isinstance(answer, Capital), (method, answer)
+        assert answer.country and answer.capital
+    raw = model.with_structured_output(Capital, include_raw=True).invoke(question)
+    assert raw["parsing_error"] is None and isinstance(raw["parsed"], Capital)  # type: ignore[index]
