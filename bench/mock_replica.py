@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         access_log=None,
+        shutdown_timeout=1.0,
         print=None,
         loop=loop,
     )
