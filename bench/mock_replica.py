@@ -13,6 +13,8 @@ It serves, with no model and answers prepared at start:
 
 Every answer is the same OUTPUT_TOKENS tokens of text (fewer when max_tokens asks for fewer),
 so the only difference between two targets in front of this mock is the target itself.
+`--token-interval-ms N` spaces streamed tokens (and /internal/generate frames) N ms apart, as
+an engine's decode steps would; by default everything is sent at once.
 """
 
 from __future__ import annotations
