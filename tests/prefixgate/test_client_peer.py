@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -254,3 +256,13 @@ def test_session_sends_its_id_and_salt_and_replays_streamed_tool_calls_verbatim(
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "14"},
     ]
+
+
+def test_the_client_imports_no_torch() -> None:
+    code = (
+        "import sys, prefixgate\n"
+        "assert 'httpx' not in sys.modules and 'aiohttp' not in sys.modules\n"
+        "from prefixgate import AsyncClient, Client, Session\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'engine', 'gateway')]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
