@@ -62,6 +62,26 @@ def completion_body(model: str, request: GenerateRequest, stop: Sequence[str]) -
         "cache_salt": request.cache_salt,
     }
     body.update({k: v for k, v in extras.items() if v is not None})
+    grammar = request.grammar
+    if grammar is not None:
+        # JSON constraints travel as `response_format`, which vLLM and SGLang take on
+        # /v1/completions too. Lark grammars (forced tool calls) are llguidance's dialect,
+        # which no foreign backend is known to speak: refused, not silently unenforced.
+        if grammar.kind == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        elif grammar.kind == "json_schema":
+            schema = json.loads(grammar.text)
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": schema},
+            }
+        else:
+            raise ApiError(
+                400,
+                "tool_choice 'required' or a named function needs a prefixgate replica; this model's "
+                "backend cannot be constrained to a tool call (use tool_choice 'auto')",
+                param="tool_choice",
+            )
     return body
 
 

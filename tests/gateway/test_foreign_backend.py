@@ -238,6 +238,28 @@ def test_foreign_backend_rejects_logprobs_and_passes_stop(foreign) -> None:
     sent = [b.bodies[-1] for b in backends if b.bodies and b.bodies[-1].get("stop") == ["END"]]
     assert len(sent) == 1 and sent[0]["seed"] == 7, [b.bodies[-1:] for b in backends]
 
+    # A JSON schema reaches the backend as response_format; a forced tool call cannot.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Where? schema test"}],
+        max_tokens=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+    formats = [b.bodies[-1].get("response_format") for b in backends if b.bodies]
+    sent_format = next(f for f in formats if f is not None and f["type"] == "json_schema")
+    assert sent_format["json_schema"]["schema"]["required"] == ["city"]
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": schema}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Where?"}],
+            max_tokens=4,
+            tools=[tool],
+            tool_choice="required",
+        )
+    assert err.value.body["param"] == "tool_choice"
+
 
 def test_admin_adds_and_removes_backends_at_run_time(procs, smollm2_dir: Path) -> None:
     backends = [FakeBackend("gamma"), FakeBackend("delta")]
