@@ -49,6 +49,12 @@ class IncrementalDetokenizer:
         if self.stop_string is not None:
             return ""
         piece = self._stream.step(self._tokenizer, token_id)
+        if not self._stop:  # nothing held back: the piece is the text to stream (hot path)
+            if piece:
+                self._text += piece
+                self._released = len(self._text)
+                return piece
+            return ""
         if piece:
             search_from = max(0, len(self._text) - self._hold)
             self._text += piece

@@ -11,7 +11,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 
-from gateway import admin_routes, openai_api
+from gateway import admin_routes, hot_path, openai_api
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import GatewayMetrics
@@ -37,4 +37,8 @@ class GatewayApp:
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.litestar(scope, receive, send)
+        # The two completion routes skip Litestar's per-request machinery (gateway/hot_path.py
+        # says why and what it costs); everything else, and anything unusual, is Litestar's.
+        handler = hot_path.hot_handler(scope)
+        if handler is None or not await hot_path.serve(self.litestar, handler, scope, receive, send):
+            await self.litestar(scope, receive, send)

@@ -7,6 +7,8 @@ reported on the request's first frame. Their ratio says how exact the index is.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -23,6 +25,7 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 class GatewayMetrics:
     def __init__(self) -> None:
         disable_created_metrics()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -82,6 +85,16 @@ class GatewayMetrics:
             buckets=_BUCKETS,
             registry=r,
         )
+
+    def child(self, metric: Counter | Gauge, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: labels() takes a lock and builds its key on every
+        call, several times per request. Label values are replicas, outcomes, policies and
+        reasons (few), and no child is ever removed, so the dict stays small and exact."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

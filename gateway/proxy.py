@@ -88,10 +88,10 @@ class ProxiedGeneration:
         replica.prefill_queued += self._uncached
         self.pool.inflight.add(replica.url, route.block_hashes)
         metrics = self.registry.metrics
-        metrics.in_flight.labels(replica.url).set(replica.in_flight)
-        metrics.decisions.labels(self.pool.policy.name, route.decision.reason).inc()
-        metrics.prompt_tokens.labels(replica.url).inc(len(self.token_ids))
-        metrics.predicted_cached.labels(replica.url).inc(route.decision.predicted_cached_tokens)
+        metrics.child(metrics.in_flight, replica.url).set(replica.in_flight)
+        metrics.child(metrics.decisions, self.pool.policy.name, route.decision.reason).inc()
+        metrics.child(metrics.prompt_tokens, replica.url).inc(len(self.token_ids))
+        metrics.child(metrics.predicted_cached, replica.url).inc(route.decision.predicted_cached_tokens)
         if self.span is not None:
             self.span.routed(
                 policy=self.pool.policy.name,
@@ -123,8 +123,8 @@ class ProxiedGeneration:
         assert self.route is not None
         self.pool.inflight.remove(replica.url, self.route.block_hashes)
         metrics = self.registry.metrics
-        metrics.in_flight.labels(replica.url).set(replica.in_flight)
-        metrics.requests.labels(replica.url, outcome).inc()
+        metrics.child(metrics.in_flight, replica.url).set(replica.in_flight)
+        metrics.child(metrics.requests, replica.url, outcome).inc()
 
     # ---- start, with retries ---------------------------------------------------------
 
@@ -183,7 +183,7 @@ class ProxiedGeneration:
                 return
             self.close("retried")
             registry.record_failure(replica, last)
-            registry.metrics.retries.labels(replica.url).inc()
+            registry.metrics.child(registry.metrics.retries, replica.url).inc()
             self.retries += 1
             tried.append(replica.url)
         message = f"no replica could serve the request ({last})"
@@ -197,17 +197,18 @@ class ProxiedGeneration:
         assert self._stream is not None
         outcome = "error"
         try:
-            frame = self._first
-            while frame is not None:
-                for delta in self._apply(frame):
-                    yield delta
-                if all(s.finish_reason is not None for s in self.samples):
-                    if isinstance(self._stream, ForeignStream):
-                        await self._read_usage(self._stream)
-                    outcome = "ok"
-                    return
+            frames: list[GenerateFrame | TextFrame] = [self._first] if self._first is not None else []
+            while frames:
+                for frame in frames:
+                    for delta in self._apply(frame):
+                        yield delta
+                    if all(s.finish_reason is not None for s in self.samples):
+                        if isinstance(self._stream, ForeignStream):
+                            await self._read_usage(self._stream)
+                        outcome = "ok"
+                        return
                 try:
-                    frame = await self._stream.next()
+                    frames = await self._next_frames()
                 except UpstreamBroken as err:
                     assert self.replica is not None
                     self.registry.record_failure(self.replica, str(err))
@@ -219,6 +220,15 @@ class ProxiedGeneration:
             raise ApiError(502, "the replica ended the stream early", code="replica_failed")
         finally:
             self.close(outcome)
+
+    async def _next_frames(self) -> list[GenerateFrame | TextFrame]:
+        """All frames that have arrived: one wake-up of this task for a burst of frames."""
+        stream = self._stream
+        assert stream is not None
+        if isinstance(stream, GenerateStream):
+            return await stream.next_frames()  # type: ignore[return-value]
+        frame = await stream.next()
+        return [frame] if frame is not None else []
 
     async def _read_usage(self, stream: ForeignStream) -> None:
         """A foreign backend reports usage after the last choice finished; a broken tail costs only that."""
@@ -238,7 +248,8 @@ class ProxiedGeneration:
         if frame.cached_tokens is not None and frame.index == 0:
             self.cached_tokens = frame.cached_tokens
             assert self.replica is not None
-            self.registry.metrics.delivered_cached.labels(self.replica.url).inc(frame.cached_tokens)
+            metrics = self.registry.metrics
+            metrics.child(metrics.delivered_cached, self.replica.url).inc(frame.cached_tokens)
         if sample.finish_reason is not None:
             return []
         pieces = []
@@ -274,7 +285,8 @@ class ProxiedGeneration:
             if frame.cached_tokens is not None:
                 self.cached_tokens = frame.cached_tokens
                 assert self.replica is not None
-                self.registry.metrics.delivered_cached.labels(self.replica.url).inc(frame.cached_tokens)
+                metrics = self.registry.metrics
+                metrics.child(metrics.delivered_cached, self.replica.url).inc(frame.cached_tokens)
             return []
         if not 0 <= frame.index < len(self.samples):
             raise ApiError(502, f"the backend sent choice {frame.index} of {len(self.samples)}")

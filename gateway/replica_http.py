@@ -114,6 +114,15 @@ class _Connection(asyncio.Protocol):
         del self._body[: end + 1]
         return line
 
+    def take_lines(self) -> list[bytes]:
+        """Every whole line received so far (without their newlines); [] when there is none."""
+        end = self._body.rfind(b"\n")
+        if end < 0:
+            return []
+        lines = bytes(self._body[:end]).split(b"\n")
+        del self._body[: end + 1]
+        return lines
+
     def has_unread(self) -> bool:
         return bool(self._body)
 
@@ -174,6 +183,24 @@ class ReplicaResponse:
                 rest = connection.take_rest()
                 self.release()
                 return rest
+            await connection.wait()
+
+    async def readlines(self) -> list[bytes]:
+        """The body lines that have arrived (waits for one; newlines dropped); [] once it is over.
+
+        One call for every frame a read brought in: a replica that sends several at once
+        costs one wake-up here, not one per line."""
+        connection = self._connection
+        if connection is None:
+            return []
+        while True:
+            lines = connection.take_lines()
+            if lines:
+                return lines
+            if connection.complete:
+                rest = connection.take_rest()
+                self.release()
+                return [rest] if rest else []
             await connection.wait()
 
     async def read(self) -> bytes:

@@ -35,25 +35,57 @@ class GenerateStream:
     def __init__(self, response: aiohttp.ClientResponse | ReplicaResponse) -> None:
         self._response = response
         self.finished = False
+        self._lines: list[bytes] = []  # read, not decoded yet (those after a batch's error line)
+        self._ready: list[GenerateFrame] = []  # decoded, not handed out yet
 
     async def next(self) -> GenerateFrame | None:
         """The next frame; None once the stream ended cleanly. Raises UpstreamBroken or ApiError."""
+        if not self._ready:
+            self._ready = await self._read()
+            if not self._ready:
+                return None
+        return self._ready.pop(0)
+
+    async def next_frames(self) -> list[GenerateFrame]:
+        """Every frame that has arrived (waits for one); [] once the stream ended cleanly."""
+        if self._ready:
+            ready, self._ready = self._ready, []
+            return ready
+        return await self._read()
+
+    async def _read(self) -> list[GenerateFrame]:
+        frames: list[GenerateFrame] = []
+        while not frames:
+            if not self._lines:
+                self._lines = await self._read_lines()
+                if not self._lines:
+                    return []
+            lines, self._lines = self._lines, []
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                if line.startswith(b'{"error"'):
+                    if frames:  # hand out the frames before it first, as they came
+                        self._lines = lines[i:]
+                        return frames
+                    raise _error(_error_frame.decode(line).error)
+                try:
+                    frames.append(_frame.decode(line))
+                except msgspec.DecodeError as err:
+                    if frames:
+                        self._lines = lines[i:]
+                        return frames
+                    raise UpstreamBroken(f"bad frame from the replica: {err}") from None
+        return frames
+
+    async def _read_lines(self) -> list[bytes]:
         try:
-            while True:
-                line = await self._response.content.readline()
-                if not line:
-                    return None
-                if line.strip():
-                    break
+            if isinstance(self._response, ReplicaResponse):
+                return await self._response.readlines()
+            line = await self._response.content.readline()
+            return [line] if line else []
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
             raise UpstreamBroken(f"{type(err).__name__}: {err}") from None
-        if line.startswith(b'{"error"'):
-            body = _error_frame.decode(line).error
-            raise _error(body)
-        try:
-            return _frame.decode(line)
-        except msgspec.DecodeError as err:
-            raise UpstreamBroken(f"bad frame from the replica: {err}") from None
 
     def close(self) -> None:
         """Closing the connection aborts the request on the replica."""
