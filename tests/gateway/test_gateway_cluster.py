@@ -292,7 +292,7 @@ def test_kill9_replica_requests_move_to_the_other_and_it_rejoins_exact(cluster) 
 
     async def long_stream(session: aiohttp.ClientSession, i: int) -> tuple[str, str]:
         messages = [{"role": "user", "content": f"Write a long story number {i}."}]
-        body = {"messages": messages, "max_tokens": 400, "ignore_eos": True, "stream": True}
+        body = {"messages": messages, "max_tokens": 200, "ignore_eos": True, "stream": True}
         async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
             assert response.status == 200
             streaming.release()
