@@ -105,6 +105,10 @@ def _decode(decode: Any, body: bytes, into: type[T], kind: str) -> T:
         raise ApiError(400, f"invalid request: {text}", param=param) from None
     except msgspec.DecodeError as err:
         raise bad_request(f"the request body is not valid {kind}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise bad_request(f"the request body is not valid UTF-8: {err.reason} at byte {err.start}") from None
+    except RecursionError:
+        raise bad_request(f"the request body nests too deeply to be valid {kind}") from None
 
 
 # --- litestar exception handlers ------------------------------------------------------

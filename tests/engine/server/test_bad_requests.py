@@ -27,6 +27,16 @@ def completion(**fields: Any) -> dict[str, Any]:
 # (name, method, path, body: dict (JSON) / bytes (sent as is) / None, status, message fragment, param)
 CASES: list[tuple[str, str, str, Any, int, str, str | None]] = [
     ("malformed json", "POST", CHAT, b'{"messages": [', 400, "not valid JSON", None),
+    ("invalid utf-8", "POST", COMPLETIONS, b'{"prompt": "\xff\xfe bad"}', 400, "not valid UTF-8", None),
+    (
+        "nested 100k deep",
+        "POST",
+        COMPLETIONS,
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        "nests too deeply",
+        None,
+    ),
     ("body not an object", "POST", CHAT, b"[1, 2]", 400, "must be a JSON object", None),
     ("empty body", "POST", CHAT, b"", 400, "body is empty", None),
     (
