@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.server.protocol import GenerateFrame, GenerateRequest, TokenLogprob
@@ -36,8 +37,7 @@ class Sample:
     finish_reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Delta:
+class Delta(NamedTuple):  # a tuple: built once per frame, ~5x cheaper than a frozen dataclass
     index: int
     text: str
     logprobs: list[TokenLogprob]
@@ -202,7 +202,7 @@ class ProxiedGeneration:
                 for frame in frames:
                     for delta in self._apply(frame):
                         yield delta
-                    if all(s.finish_reason is not None for s in self.samples):
+                    if self._all_finished():
                         if isinstance(self._stream, ForeignStream):
                             await self._read_usage(self._stream)
                         outcome = "ok"
@@ -220,6 +220,12 @@ class ProxiedGeneration:
             raise ApiError(502, "the replica ended the stream early", code="replica_failed")
         finally:
             self.close(outcome)
+
+    def _all_finished(self) -> bool:
+        samples = self.samples
+        if len(samples) == 1:  # the common case, checked after every frame
+            return samples[0].finish_reason is not None
+        return all(s.finish_reason is not None for s in samples)
 
     async def _next_frames(self) -> list[GenerateFrame | TextFrame]:
         """All frames that have arrived: one wake-up of this task for a burst of frames."""
@@ -334,4 +340,5 @@ class ProxiedGeneration:
     def completion_tokens(self) -> int:
         if self._reported_completion_tokens is not None:
             return self._reported_completion_tokens
-        return sum(s.num_tokens for s in self.samples)
+        samples = self.samples
+        return samples[0].num_tokens if len(samples) == 1 else sum(s.num_tokens for s in samples)
