@@ -8,7 +8,9 @@ the hot path, so they run the very same handler functions (openai_api, unchanged
 answered here: one dict of headers, one `http.response.start`, the body as it comes. Every
 other route, and these two when the request is unusual (not a POST, no Content-Length, a
 body over the limit), goes to Litestar, which stays the reference: errors are shaped by the
-same EXCEPTION_HANDLERS functions.
+same functions (engine/server/errors.py). Measured with bench/mock_replica.py (16 tokens),
+this alone took the gateway process's CPU per request from 1.45 to 1.24 ms (JSON) and from
+1.76 to 1.07 ms (stream).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from litestar import Litestar, Response
+from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
+from engine.server.errors import handle_http_exception
 from gateway import openai_api
 from gateway.errors import ApiError, error_json
 
@@ -83,6 +87,10 @@ async def serve(app: Litestar, handler: Any, scope: Scope, receive: Receive, sen
         response = await handler(request)
     except ApiError as err:
         await _send_whole(send, err.status, error_json(err), "application/json", err.headers)
+        return True
+    except HTTPException as exc:  # Litestar's own (none expected here): shaped as Litestar would
+        answer = handle_http_exception(None, exc)  # type: ignore[arg-type]  # it reads no request
+        await _send_whole(send, answer.status_code or 500, answer.content, answer.media_type, answer.headers)
         return True
     except Exception:
         log.exception("unexpected error in POST %s", scope["path"])
