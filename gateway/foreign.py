@@ -20,7 +20,7 @@ import msgspec
 
 from engine.server.protocol import GenerateRequest
 from gateway.errors import ApiError
-from gateway.upstream import Retryable, UpstreamBroken
+from gateway.upstream import Retryable, UpstreamBroken, connect_timeout, failed_body
 
 _encoder = msgspec.json.Encoder()
 
@@ -153,7 +153,7 @@ async def open_foreign(
     connect_timeout_s: float,
     trace_headers: dict[str, str] | None = None,
 ) -> ForeignStream:
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+    timeout = connect_timeout(connect_timeout_s)
     headers = {"content-type": "application/json", "accept": "text/event-stream", **(trace_headers or {})}
     try:
         response = await session.post(
@@ -166,14 +166,7 @@ async def open_foreign(
         raise Retryable(f"{type(err).__name__}: {err}") from None
     if response.status == 200:
         return ForeignStream(response)
-    try:
-        raw = await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as err:
-        raise Retryable(f"{type(err).__name__}: {err}") from None
-    finally:
-        response.release()
-    if response.status in (408, 429) or response.status >= 500:
-        raise Retryable(f"the backend answered {response.status}")
+    raw = await failed_body(response, "the backend", retry_statuses=(408, 429))
     message = f"the backend answered {response.status}"
     try:
         error = json.loads(raw).get("error")

@@ -18,6 +18,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
+from engine.server.chat_prompt import chat_plan, chat_prompt_ids
 from engine.server.openai_types import (
     AssistantMessage,
     ChatChoice,
@@ -43,7 +44,7 @@ from engine.server.protocol import GenerateRequest, TokenLogprob
 from engine.server.response_format import ChatOutputPlan
 from engine.server.tool_calls import ToolDeltaStream, assistant_message, finish_reason, message_finish_reason
 from gateway.errors import ApiError, bad_request, decode_json, error_json
-from gateway.openai_inputs import chat_ids, chat_plan, completion_ids, generate_request, stops
+from gateway.openai_inputs import completion_ids, generate_request, stops
 from gateway.pool import ModelPool
 from gateway.proxy import ProxiedGeneration
 from gateway.registry import Registry
@@ -182,7 +183,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     body = decode_json(await request.body(), ChatCompletionRequest)
     pool = registry.pool_for(body.model)
     plan = chat_plan(body)
-    token_ids = chat_ids(body, pool.tokenizer, plan)
+    token_ids = chat_prompt_ids(body, pool.tokenizer, plan)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= _MAX_TOP_LOGPROBS:

@@ -10,44 +10,12 @@ from __future__ import annotations
 import os
 
 from engine.server.openai_types import (
-    ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
-    UnsupportedContentError,
 )
 from engine.server.protocol import GenerateRequest, GrammarSpec
-from engine.server.response_format import ChatOutputPlan, chat_output_plan
-from engine.server.tool_calls import RequestFieldError
-from engine.server.tool_prompt import template_inputs
 from gateway.errors import bad_request
 from gateway.pool import ModelPool
-from gateway.text import GatewayTokenizer, PromptError
-
-
-def chat_plan(body: ChatCompletionRequest) -> ChatOutputPlan:
-    """Tools to parse and the grammar the replica enforces, exactly as a replica plans them."""
-    try:
-        return chat_output_plan(body)
-    except RequestFieldError as err:
-        raise bad_request(str(err), err.param) from None
-
-
-def chat_ids(body: ChatCompletionRequest, tokenizer: GatewayTokenizer, plan: ChatOutputPlan) -> list[int]:
-    if not body.messages:
-        raise bad_request("messages must not be empty", "messages")
-    try:
-        messages, tools = template_inputs(body.messages, plan.tools, tokenizer.chat_template)
-    except UnsupportedContentError as err:
-        raise bad_request(str(err), err.param) from None
-    try:
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt, tools=tools
-        )
-    except PromptError as err:
-        raise bad_request(str(err), "messages") from None
-    if not ids:
-        raise bad_request("the messages render to an empty prompt", "messages")
-    return ids
 
 
 def completion_ids(body: CompletionRequest, pool: ModelPool) -> list[int]:

@@ -27,14 +27,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.server.openai_types import PromptError
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CACHE_CHARS = 8 << 20  # text held by the piece cache, in characters
 _CACHE_PIECE_CHARS = 256 << 10  # longer pieces are encoded every time
-
-
-class PromptError(ValueError):
-    """A prompt the tokenizer cannot turn into token ids; the message is meant for the user."""
 
 
 def _token_text(value: Any) -> str | None:

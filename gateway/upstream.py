@@ -102,8 +102,24 @@ _GENERATE_HEADERS = {"content-type": "application/json", "accept": "application/
 
 
 @functools.lru_cache(maxsize=8)
-def _connect_timeout(connect_timeout_s: float) -> aiohttp.ClientTimeout:
+def connect_timeout(connect_timeout_s: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+
+
+async def failed_body(
+    response: aiohttp.ClientResponse | ReplicaResponse, who: str, retry_statuses: tuple[int, ...]
+) -> bytes:
+    """The body of a non-200 answer, for the caller to shape into an ApiError; raises Retryable
+    when another replica may do better (a 5xx, one of `retry_statuses`, a body that broke)."""
+    try:
+        raw = await response.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        raise Retryable(f"{type(err).__name__}: {err}") from None
+    finally:
+        response.release()
+    if response.status in retry_statuses or response.status >= 500:
+        raise Retryable(f"{who} answered {response.status}")
+    return raw
 
 
 async def open_generate(
@@ -120,7 +136,7 @@ async def open_generate(
         if url.startswith("http://"):  # the hot path: gateway/replica_http.py says why
             response = await connections().post(url + "/internal/generate", body, headers, connect_timeout_s)
         else:
-            timeout = _connect_timeout(connect_timeout_s)
+            timeout = connect_timeout(connect_timeout_s)
             response = await session.post(
                 url + "/internal/generate", data=body, headers=headers, timeout=timeout
             )
@@ -128,14 +144,7 @@ async def open_generate(
         raise Retryable(f"{type(err).__name__}: {err}") from None
     if response.status == 200:
         return GenerateStream(response)
-    try:
-        raw = await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as err:
-        raise Retryable(f"{type(err).__name__}: {err}") from None
-    finally:
-        response.release()
-    if response.status in (429, 503) or response.status >= 500:
-        raise Retryable(f"the replica answered {response.status}")
+    raw = await failed_body(response, "the replica", retry_statuses=(429,))
     try:
         body = _error_body.decode(raw).error
     except msgspec.DecodeError:

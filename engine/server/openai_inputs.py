@@ -19,13 +19,9 @@ from engine.server.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
-    UnsupportedContentError,
 )
 from engine.server.protocol import GrammarSpec
-from engine.server.response_format import ChatOutputPlan, chat_output_plan
 from engine.server.tokenizer import PromptError, TextTools
-from engine.server.tool_calls import RequestFieldError
-from engine.server.tool_prompt import template_inputs
 
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
@@ -44,32 +40,6 @@ class Prompt:
 
 
 # --- prompts ----------------------------------------------------------------------------
-
-
-def chat_plan(request: ChatCompletionRequest) -> ChatOutputPlan:
-    """Tools to parse and the grammar to enforce (tools, tool_choice, response_format)."""
-    try:
-        return chat_output_plan(request)
-    except RequestFieldError as err:
-        raise bad_request(str(err), err.param) from None
-
-
-def chat_prompt_ids(request: ChatCompletionRequest, text: TextTools, plan: ChatOutputPlan) -> list[int]:
-    if not request.messages:
-        raise bad_request("messages must not be empty", "messages")
-    try:
-        messages, tools = template_inputs(request.messages, plan.tools, text.chat_template)
-    except UnsupportedContentError as err:
-        raise bad_request(str(err), err.param) from None
-    try:
-        ids = text.apply_chat_template(
-            messages, add_generation_prompt=request.add_generation_prompt, tools=tools
-        )
-    except PromptError as err:
-        raise bad_request(str(err), "messages") from None
-    if not ids:
-        raise bad_request("the messages render to an empty prompt", "messages")
-    return ids
 
 
 def completion_prompt_ids(request: CompletionRequest, text: TextTools, vocab_size: int) -> list[list[int]]:

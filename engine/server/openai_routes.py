@@ -8,12 +8,11 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
+from engine.server.chat_prompt import chat_plan, chat_prompt_ids
 from engine.server.errors import decode_json
 from engine.server.openai_inputs import (
     Prompt,
     chat_logprobs,
-    chat_plan,
-    chat_prompt_ids,
     check_completion_options,
     completion_prompt_ids,
     engine_requests,

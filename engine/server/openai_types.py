@@ -272,6 +272,10 @@ class ErrorResponse(Struct):
     error: ErrorBody
 
 
+class PromptError(ValueError):
+    """A prompt the tokenizer cannot turn into token ids; the message is meant for the user."""
+
+
 class UnsupportedContentError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.server.openai_types import PromptError
 from engine.weights import ModelLoadError
 
 
@@ -20,10 +21,6 @@ def load_tokenizer(folder: Path) -> Any:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{folder / 'tokenizer.json'}: cannot load tokenizer ({err})") from err
-
-
-class PromptError(ValueError):
-    """A prompt the tokenizer cannot turn into token ids; the message is meant for the user."""
 
 
 class TextTools:
