@@ -26,6 +26,12 @@ class GatewayConfig:
     failure_threshold: int = 2  # consecutive request failures that open the circuit breaker
     max_attempts: int = 3  # replicas tried for one request before its first token
     connect_timeout_s: float = 5.0
+    # A replica whose /kv/events stream (events or heartbeats, ~1 s apart) is silent this long
+    # is hung: it leaves the pool and its requests are failed (retried if not yet streaming).
+    liveness_timeout_s: float = 5.0
+    # A request to a replica that has had no byte back for this long is failed: the deadline
+    # for an engine stuck behind a live HTTP front. Covers queueing, so it is generous.
+    upstream_idle_timeout_s: float = 300.0
     approximate_ttl_s: float = 120.0
     approximate_max_blocks: int = 1 << 16
     max_sessions: int = 100_000
@@ -38,5 +44,14 @@ class GatewayConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.failure_threshold < 1 or self.max_attempts < 1:
             raise ValueError("failure_threshold and max_attempts must be positive")
-        if min(self.load_interval_s, self.health_interval_s, self.reconnect_max_s) <= 0:
+        if (
+            min(
+                self.load_interval_s,
+                self.health_interval_s,
+                self.reconnect_max_s,
+                self.liveness_timeout_s,
+                self.upstream_idle_timeout_s,
+            )
+            <= 0
+        ):
             raise ValueError("intervals must be positive")

@@ -141,6 +141,18 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--policy", default="kv_aware", help="kv_aware, round_robin, least_load, ...")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder, if not on the replicas' host")
+    parser.add_argument(
+        "--liveness-timeout",
+        type=float,
+        default=5.0,
+        help="seconds of /kv/events silence that mark a replica hung",
+    )
+    parser.add_argument(
+        "--upstream-idle-timeout",
+        type=float,
+        default=300.0,
+        help="seconds without a byte from a replica before its request is failed",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -156,6 +168,8 @@ def _gateway(args: argparse.Namespace) -> int:
             port=args.port,
             policy=args.policy,
             tokenizer=args.tokenizer,
+            liveness_timeout_s=args.liveness_timeout,
+            upstream_idle_timeout_s=args.upstream_idle_timeout,
             log_level=args.log_level.lower(),
         )
         if args.command == "gateway":
