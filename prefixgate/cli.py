@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish requests on exit"
     )
+    engine.add_argument(
+        "--core-stall-timeout",
+        type=float,
+        default=30.0,
+        help="seconds with work queued and no engine step before the replica reports itself hung",
+    )
     engine.add_argument("--log-level", default="info")
 
     gateway = commands.add_parser("gateway", help="route OpenAI requests to replicas by prefix cache")
@@ -127,6 +133,7 @@ def _engine(args: argparse.Namespace) -> int:
             max_waiting=args.max_waiting,
             default_max_tokens=args.default_max_tokens,
             drain_timeout_s=args.drain_timeout,
+            core_stall_s=args.core_stall_timeout,
             log_level=args.log_level.lower(),
         )
         run(config)
