@@ -12,6 +12,7 @@ prompt tokens the request must still prefill there until its first frame arrives
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from gateway.registry import Registry
 from gateway.upstream import GenerateStream, Retryable, UpstreamBroken, open_generate
 from policies.routing import NoReplicaAvailable
 from traces.spans import GatewaySpan
+
+log = logging.getLogger("prefixgate.gateway")
 
 
 @dataclass(slots=True)
@@ -134,6 +137,7 @@ class ProxiedGeneration:
         tried: list[str] = []
         hashes: list[int] | None = None
         last = "no healthy replica"
+        overloaded = 0  # replicas that answered 429 (queue full)
         for _ in range(config.max_attempts):
             started = time.perf_counter()
             try:
@@ -147,6 +151,7 @@ class ProxiedGeneration:
             self._begin(route)
             replica = route.replica
             trace_headers = self.span.downstream_headers() if self.span is not None else None
+            busy = False
             try:
                 if replica.exact:
                     self._stream = await open_generate(
@@ -169,7 +174,9 @@ class ProxiedGeneration:
                 first = await self._stream.next()
                 if first is None:
                     raise Retryable("the stream ended before the first frame")
-            except (Retryable, UpstreamBroken) as err:
+            except Retryable as err:
+                last, busy = f"{replica.url}: {err}", err.overloaded
+            except UpstreamBroken as err:
                 last = f"{replica.url}: {err}"
             except ApiError as err:
                 if err.status != 503:
@@ -181,12 +188,23 @@ class ProxiedGeneration:
                 registry.record_success(replica)
                 self._first = first
                 return
-            self.close("retried")
-            registry.record_failure(replica, last)
+            self.close("overloaded" if busy else "retried")
+            if busy:
+                overloaded += 1  # a full queue is load, not a fault: the circuit stays closed
+            else:
+                registry.record_failure(replica, last)
             registry.metrics.child(registry.metrics.retries, replica.url).inc()
             self.retries += 1
             tried.append(replica.url)
-        message = f"no replica could serve the request ({last})"
+        # The details (replica addresses, socket errors) go to the log, not to the client.
+        log.warning("request not served after %d attempts: %s", self.retries, last)
+        if overloaded and overloaded == self.retries:
+            message = "every replica's queue is full; retry later"
+            self._finish_span(message)
+            raise ApiError(429, message, code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        message = "no replica could serve the request" + (
+            " (none is healthy)" if not self.retries else f" ({self.retries} tried)"
+        )
         self._finish_span(message)
         raise ApiError(503, message, code="no_replica_available")
 
@@ -212,9 +230,8 @@ class ProxiedGeneration:
                 except UpstreamBroken as err:
                     assert self.replica is not None
                     self.registry.record_failure(self.replica, str(err))
-                    raise ApiError(
-                        502, f"the replica failed mid-stream: {err}", code="replica_failed"
-                    ) from None
+                    log.warning("replica %s failed mid-stream: %s", self.replica.url, err)
+                    raise ApiError(502, "the replica failed mid-stream", code="replica_failed") from None
             assert self.replica is not None
             self.registry.record_failure(self.replica, "stream ended before every sample finished")
             raise ApiError(502, "the replica ended the stream early", code="replica_failed")
@@ -319,7 +336,7 @@ class ProxiedGeneration:
             self._stream.close()
             self._stream = None
         self._end(outcome)
-        if outcome != "retried":
+        if outcome not in ("retried", "overloaded"):
             unfinished = any(s.finish_reason is None for s in self.samples)
             self._finish_span("the request ended before it finished" if unfinished else None)
 

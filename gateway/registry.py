@@ -8,6 +8,11 @@ died, drained, or lost events), or the circuit breaker opens after repeated requ
 failures, the replica is unhealthy until the loop reconnects and loads a fresh snapshot, so
 its index is exact again whenever it takes traffic.
 
+A hung replica (SIGSTOP, a wedged host) keeps its sockets open, so only silence tells: the
+stream carries a heartbeat when idle, and `liveness_timeout_s` without a line fails every
+request in flight there (those not yet streaming are retried on another replica). A sweep
+fails any request that has had no byte for `upstream_idle_timeout_s`, whatever the cause.
+
 Foreign backends (no KV events) are polled with GET /v1/models instead.
 """
 
@@ -34,6 +39,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HEALTHY, UNHEALTHY, ModelPool, Replica
+from gateway.replica_http import connections
 from gateway.text import GatewayTokenizer
 from policies.routing import routing_policy
 
@@ -57,6 +63,7 @@ class Registry:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: dict[str, aiohttp.ClientResponse] = {}
         self._load_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._tokenizers: dict[str, GatewayTokenizer] = {}
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -70,9 +77,11 @@ class Registry:
         for url in self.config.foreign_replicas:
             self.add(url, exact=False)
         self._load_task = asyncio.create_task(self._refresh_loads())
+        self._sweep_task = asyncio.create_task(self._sweep_idle())
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *([self._load_task] if self._load_task else [])]
+        background = [t for t in (self._load_task, self._sweep_task) if t is not None]
+        tasks = [*self._tasks.values(), *background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -166,6 +175,11 @@ class Registry:
                 replica.last_error = "the /kv/events stream ended"
             except asyncio.CancelledError:
                 raise
+            except TimeoutError:
+                replica.last_error = f"no heartbeat for {self.config.liveness_timeout_s:g} s: hung"
+                self._set_status(replica, UNHEALTHY)
+                if failed := connections().abort(replica.url, "the replica stopped responding"):
+                    log.warning("replica %s hung: %d requests failed over", replica.url, failed)
             except Exception as err:
                 replica.last_error = f"{type(err).__name__}: {err}"
             if replica.healthy:
@@ -180,7 +194,9 @@ class Registry:
     async def _follow(self, replica: Replica, pool: ModelPool) -> None:
         assert self.session is not None
         index = pool.index.exact_index(replica.url)
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s, sock_read=60.0)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.connect_timeout_s, sock_read=self.config.liveness_timeout_s
+        )
         async with self.session.get(replica.url + "/kv/events", timeout=timeout) as response:
             if response.status != 200:
                 raise _StreamBroken(f"/kv/events answered {response.status}")
@@ -250,6 +266,14 @@ class Registry:
             if response.status != 200:
                 raise _StreamBroken(f"GET {url} answered {response.status}")
             return msgspec.json.decode(body, type=into)
+
+    async def _sweep_idle(self) -> None:
+        deadline = self.config.upstream_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, deadline / 4))
+            failed = connections().sweep(deadline)
+            if failed:
+                log.warning("%d requests had no answer from their replica for %g s: failed", failed, deadline)
 
     # ---- load -----------------------------------------------------------------------
 

@@ -10,6 +10,11 @@ read, release, close), so the rest of the proxy cannot tell them apart.
 
 Failures surface as OSError / TimeoutError, which upstream.py already sorts into "retry on
 another replica" (before any answer) and "the stream broke" (after it started).
+
+Nothing waits forever: the connections in use are known per replica, so the registry can fail
+them all at once when a replica stops answering its /kv/events heartbeats (a hung process
+keeps its sockets open; only a deadline notices it), and `sweep` fails any that has had no
+byte for the idle deadline (a replica whose HTTP side lives on while its engine is stuck).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ _MAX_IDLE_PER_REPLICA = 256
 _LINGER_S = 0.1
 
 
+class ReplicaUnresponsive(ConnectionError):
+    """The connection was failed on purpose: its replica hung, or it sat idle past the deadline.
+    Unlike a reset idle connection, taking another connection to the same replica won't help."""
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection; carries one request at a time."""
 
@@ -35,6 +45,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
+        self.last_byte_at = 0.0  # loop time of the last bytes received (or of the request sent)
         self._reset()
 
     def _reset(self) -> None:
@@ -55,6 +66,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        self.last_byte_at = _now()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as err:
@@ -151,6 +163,13 @@ class _Connection(asyncio.Protocol):
             else:
                 self.close()
 
+    def fail(self, error: OSError) -> None:
+        """End the exchange with `error` for whoever waits on it, and drop the connection."""
+        if self.error is None:
+            self.error = error
+        self.close()
+        self._wake()
+
     def close(self) -> None:
         self.closed = True
         if self._linger is not None:
@@ -158,6 +177,10 @@ class _Connection(asyncio.Protocol):
             self._linger = None
         if self.transport is not None:
             self.transport.close()
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 class ReplicaResponse:
@@ -219,6 +242,7 @@ class ReplicaResponse:
         connection, self._connection = self._connection, None
         if connection is None:
             return
+        self._pool.done(self._key, connection)
         if connection.closed or not connection.keep_alive:
             connection.close()
         elif connection.complete:
@@ -239,8 +263,15 @@ class ReplicaConnections:
     def __init__(self) -> None:
         self._idle: dict[_Address, deque[_Connection]] = {}
         self._addresses: dict[str, tuple[_Address, str]] = {}
+        # Connections carrying a request now, per replica: what `abort` and `sweep` look at.
+        self._busy: dict[_Address, set[_Connection]] = {}
 
     def put(self, key: _Address, connection: _Connection) -> None:
+        busy = self._busy.get(key)
+        if busy is not None:
+            busy.discard(connection)
+        if connection.closed:
+            return
         idle = self._idle.setdefault(key, deque())
         if len(idle) >= _MAX_IDLE_PER_REPLICA:
             connection.close()
@@ -283,19 +314,57 @@ class ReplicaConnections:
             else:
                 connection = await self._connect(key, connect_timeout_s)
             assert connection.transport is not None
+            busy = self._busy.get(key)
+            if busy is None:
+                busy = self._busy[key] = set()
+            busy.add(connection)
+            connection.last_byte_at = _now()
             connection.transport.write(request)
             try:
                 while not connection.headers_done:
                     await connection.wait()
+            except ReplicaUnresponsive:
+                busy.discard(connection)
+                raise
             except OSError:
                 connection.close()
+                busy.discard(connection)
                 if reused and not connection.got_bytes:
                     continue  # the replica had closed that idle connection: take another one
                 raise
             except BaseException:
                 connection.close()
+                busy.discard(connection)
                 raise
             return ReplicaResponse(self, key, connection)
+
+    def done(self, key: _Address, connection: _Connection) -> None:
+        """A connection leaves its request without going back to the idle pool (closed)."""
+        busy = self._busy.get(key)
+        if busy is not None:
+            busy.discard(connection)
+
+    def abort(self, url: str, reason: str) -> int:
+        """Fail every request in flight to `url` (its replica hung); returns how many."""
+        key = self._address(url)[0]
+        busy = self._busy.pop(key, set())
+        for connection in busy:
+            connection.fail(ReplicaUnresponsive(reason))
+        for connection in self._idle.pop(key, ()):
+            connection.close()
+        return len(busy)
+
+    def sweep(self, idle_deadline_s: float) -> int:
+        """Fail requests that have had no byte from their replica for `idle_deadline_s`."""
+        cutoff = _now() - idle_deadline_s
+        failed = 0
+        for busy in self._busy.values():
+            stale = [c for c in busy if c.last_byte_at < cutoff]
+            for connection in stale:
+                busy.discard(connection)
+                connection.fail(ReplicaUnresponsive(f"no answer from the replica for {idle_deadline_s:g} s"))
+                failed += 1
+        return failed
 
     def close(self) -> None:
         for idle in self._idle.values():

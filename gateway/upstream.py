@@ -24,7 +24,12 @@ _RETRYABLE_TYPES = {"server_error", "service_unavailable", "rate_limit_exceeded"
 
 
 class Retryable(Exception):
-    """The replica failed; another one may serve the request."""
+    """The replica failed; another one may serve the request. `overloaded`: it answered 429
+    (its queue is full): no fault of the replica, so it must not trip the circuit breaker."""
+
+    def __init__(self, message: str, overloaded: bool = False) -> None:
+        super().__init__(message)
+        self.overloaded = overloaded
 
 
 class UpstreamBroken(Exception):
@@ -117,6 +122,8 @@ async def failed_body(
         raise Retryable(f"{type(err).__name__}: {err}") from None
     finally:
         response.release()
+    if response.status == 429 and 429 in retry_statuses:
+        raise Retryable(f"{who} answered 429", overloaded=True)
     if response.status in retry_statuses or response.status >= 500:
         raise Retryable(f"{who} answered {response.status}")
     return raw

@@ -26,7 +26,10 @@ class ServerConfig:
     # (it then reconnects and starts from a fresh snapshot).
     kv_subscriber_buffer: int = 10_000
     # An idle /kv/events stream sends a heartbeat this often, so a dead peer is noticed.
-    kv_heartbeat_s: float = 10.0
+    kv_heartbeat_s: float = 1.0
+    # Work in flight and no engine step finished for this long: the core is hung (/health 503,
+    # heartbeats stop). One step takes well under a second; a long prefill is chunked.
+    core_stall_s: float = 30.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -38,6 +41,8 @@ class ServerConfig:
             raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
         if self.drain_timeout_s < 0 or self.kv_heartbeat_s <= 0 or self.kv_subscriber_buffer < 1:
             raise ValueError("drain_timeout_s, kv_heartbeat_s and kv_subscriber_buffer must be positive")
+        if self.core_stall_s <= self.kv_heartbeat_s:
+            raise ValueError("core_stall_s must be longer than kv_heartbeat_s")
 
     @property
     def max_in_flight(self) -> int:

@@ -127,6 +127,8 @@ class CoreClient:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: Any = None
+        # When the core last showed progress: a step's output, or work arriving while idle.
+        self._progress_at = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -168,6 +170,15 @@ class CoreClient:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def stalled(self) -> bool:
+        """The core holds work but has finished no step for `core_stall_s`: it hangs (a wedged
+        GPU, a stopped process). /health and the /kv/events heartbeats then go quiet, so a
+        gateway fails this replica's requests over instead of waiting on them forever."""
+        if not self._inflight:
+            return False
+        return time.monotonic() - self._progress_at > self.config.core_stall_s
+
     def begin_drain(self) -> None:
         self.draining = True
         for subscription in list(self._subscribers):
@@ -208,6 +219,8 @@ class CoreClient:
                 code="queue_full",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
+        if not self._inflight:
+            self._progress_at = time.monotonic()  # an idle core owes no step until now
         submission = Submission(self, [r.request_id for r in requests], span)
         now = time.perf_counter()
         for request in requests:
@@ -280,6 +293,7 @@ class CoreClient:
     # -- dispatch (event loop thread) --------------------------------------------------
     def _on_message(self, message: ipc.FromCore) -> None:
         if isinstance(message, ipc.StepOutput):
+            self._progress_at = time.monotonic()
             self._on_step(message)
         elif isinstance(message, ipc.Rejected):
             tracked = self._inflight.pop(message.request_id, None)

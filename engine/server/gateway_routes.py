@@ -148,7 +148,8 @@ async def _kv_lines(
             try:
                 batch = await asyncio.wait_for(subscription.queue.get(), heartbeat_s)
             except TimeoutError:
-                yield _json.encode(Heartbeat(seq=last_seq)) + b"\n"
+                if not client.stalled:  # a hung core gets no heartbeat: its gateways fail over
+                    yield _json.encode(Heartbeat(seq=last_seq)) + b"\n"
                 continue
             if batch is None or subscription.overflowed:
                 return  # draining, core gone, or too slow: the subscriber reconnects

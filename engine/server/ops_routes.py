@@ -21,6 +21,8 @@ async def health(request: Request[Any, Any, Any]) -> Response[Any]:
         return json_response({"status": "draining"}, 503)
     if client.ready is None:
         return json_response({"status": "loading"}, 503)
+    if client.stalled:
+        return json_response({"status": "stalled", "detail": "the engine has made no progress"}, 503)
     return json_response({"status": "ready", "model": client.ready.model_id})
 
 
