@@ -12,11 +12,15 @@ from litestar import Litestar
 from litestar.datastructures import State
 
 from gateway import admin_routes, hot_path, openai_api
+from gateway.admission import Admission
+from gateway.auth import TENANT_SCOPE_KEY, Refusal, Tenant, load_access
 from gateway.config import GatewayConfig
-from gateway.errors import EXCEPTION_HANDLERS
+from gateway.errors import EXCEPTION_HANDLERS, ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.registry import Registry
 from gateway.replica_http import close_connections
+
+_REFUSAL_REASONS = {401: "unauthorized", 403: "forbidden", 413: "body_too_large", 429: "overloaded"}
 
 
 class GatewayApp:
@@ -24,7 +28,19 @@ class GatewayApp:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.registry = Registry(config, GatewayMetrics())
+        self.metrics = GatewayMetrics()
+        self.registry = Registry(config, self.metrics)
+        self.access = load_access(config)
+        self.admission = Admission(config.max_in_flight, config.retry_after_s)
+        self.metrics.watch_admitted(lambda: self.admission.in_flight)
+        self._max_body_bytes = config.max_body_bytes
+        self._too_large = Refusal(
+            ApiError(
+                413,
+                f"the request body is larger than this gateway's limit of {config.max_body_bytes} bytes",
+                code="request_too_large",
+            )
+        )
         self.litestar = Litestar(
             route_handlers=[*openai_api.ROUTES, *admin_routes.ROUTES],
             on_startup=[self.registry.start],
@@ -34,11 +50,43 @@ class GatewayApp:
             openapi_config=None,
             logging_config=None,
             debug=False,
+            request_max_body_size=config.max_body_bytes,
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        # The two completion routes skip Litestar's per-request machinery (gateway/hot_path.py
-        # says why and what it costs); everything else, and anything unusual, is Litestar's.
-        handler = hot_path.hot_handler(scope)
-        if handler is None or not await hot_path.serve(self.litestar, handler, scope, receive, send):
+        if scope["type"] != "http":
             await self.litestar(scope, receive, send)
+            return
+        # The front: size, key and admission are checked before any body is read or any
+        # handler runs, so a refusal costs a dict lookup or two and answers at once.
+        headers = hot_path.request_headers(scope)
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._max_body_bytes:
+            await self._refuse(headers, self._too_large, receive, send)
+            return
+        tenant = self.access.check(scope["path"], headers.get("authorization"))
+        if type(tenant) is Refusal:
+            await self._refuse(headers, tenant, receive, send)
+            return
+        assert isinstance(tenant, Tenant)
+        scope[TENANT_SCOPE_KEY] = tenant
+        # The two completion routes skip Litestar's per-request machinery (gateway/hot_path.py
+        # says why and what it costs); everything else is Litestar's.
+        handler = hot_path.hot_handler(scope)
+        if handler is None:
+            await self.litestar(scope, receive, send)
+            return
+        refusal = self.admission.enter(tenant)
+        if refusal is not None:
+            await self._refuse(headers, refusal, receive, send)
+            return
+        try:
+            await hot_path.serve(
+                self.litestar, handler, scope, headers, receive, send, self._too_large, self._max_body_bytes
+            )
+        finally:
+            self.admission.leave(tenant)
+
+    async def _refuse(self, headers: dict[str, str], refusal: Refusal, receive: Any, send: Any) -> None:
+        self.metrics.child(self.metrics.refused, _REFUSAL_REASONS.get(refusal.status, "other")).inc()
+        await hot_path.refuse(send, receive, headers, refusal)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from policies.routing import DEFAULT_ROUTING_POLICY, ROUTING_POLICIES
 
@@ -36,12 +36,24 @@ class GatewayConfig:
     approximate_max_blocks: int = 1 << 16
     max_sessions: int = 100_000
     log_level: str = "info"
+    # Access (gateway/auth.py): API keys from a JSON/TOML file and/or (key, tenant) pairs; none
+    # configured leaves the gateway open. Secrets are kept out of repr, so out of logs.
+    api_keys_file: str | None = None
+    api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    salt_secret: str | None = field(default=None, repr=False)  # keys tenants' cache salts
+    # Overload and size bounds (gateway/admission.py, gateway/app.py).
+    max_in_flight: int = 4096  # completion requests in flight at the gateway; beyond, 429
+    retry_after_s: int = 1  # the Retry-After of that 429
+    max_body_bytes: int = 16 << 20  # a larger request body gets 413
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTING_POLICIES:
             raise ValueError(f"unknown routing policy {self.policy!r} (known: {sorted(ROUTING_POLICIES)})")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_in_flight < 1 or self.retry_after_s < 0 or self.max_body_bytes < 1:
+            raise ValueError("max_in_flight and max_body_bytes must be positive, retry_after_s not negative")
         if self.failure_threshold < 1 or self.max_attempts < 1:
             raise ValueError("failure_threshold and max_attempts must be positive")
         if (

@@ -26,6 +26,7 @@ from litestar.response import Stream
 
 from engine.server.errors import handle_http_exception
 from gateway import openai_api
+from gateway.auth import Refusal
 from gateway.errors import ApiError, error_json
 
 log = logging.getLogger("prefixgate.gateway")
@@ -34,8 +35,10 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-# Litestar's default request_max_body_size; larger bodies go to Litestar for its 413.
-MAX_BODY_BYTES = 10_000_000
+# After refusing a request, read and drop at most this much of its body, so that a client
+# that sends all of it before reading (urllib, http.client) finds the answer rather than a
+# connection reset; past it, uvicorn drops the rest itself while the connection stays open.
+_DRAIN_LIMIT_BYTES = 64 << 20
 _HANDLERS: dict[str, Any] = {
     "/v1/chat/completions": openai_api.chat_completions.fn,
     "/v1/completions": openai_api.completions.fn,
@@ -43,12 +46,15 @@ _HANDLERS: dict[str, Any] = {
 
 
 class HotRequest:
-    """What openai_api's handlers read of a Litestar Request: headers, body, receive, app.state."""
+    """What openai_api's handlers read of a Litestar Request: scope, headers, body, receive, app.state."""
 
-    __slots__ = ("_body", "app", "headers", "receive")
+    __slots__ = ("_body", "app", "headers", "receive", "scope")
 
-    def __init__(self, app: Litestar, headers: dict[str, str], body: bytes, receive: Receive) -> None:
+    def __init__(
+        self, app: Litestar, scope: Scope, headers: dict[str, str], body: bytes, receive: Receive
+    ) -> None:
         self.app = app
+        self.scope = scope
         self.headers = headers
         self.receive = receive
         self._body = body
@@ -64,38 +70,93 @@ def hot_handler(scope: Scope) -> Any | None:
     return _HANDLERS.get(scope["path"])
 
 
-async def serve(app: Litestar, handler: Any, scope: Scope, receive: Receive, send: Send) -> bool:
-    """Answer the request; False (having read nothing) when Litestar must take it instead."""
+def request_headers(scope: Scope) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in scope["headers"]:
         key = name.decode("latin-1")
         if key not in headers:  # the first of repeated headers, as Litestar's Headers.get
             headers[key] = value.decode("latin-1")
-    length = headers.get("content-length")
-    if length is None or not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        return False
+    return headers
+
+
+async def refuse(send: Send, receive: Receive, headers: dict[str, str], refusal: Refusal) -> None:
+    """Answer a Refusal at once, then read what the client still sends of its body (bounded)."""
+    head = _head("application/json", refusal.headers)
+    head.append((b"content-length", str(len(refusal.body)).encode()))
+    await send({"type": "http.response.start", "status": refusal.status, "headers": head})
+    if headers.get("expect", "").lower() == "100-continue":
+        # The client waits for a 100 Continue before sending its body; reading now would send
+        # one (uvicorn does on the first receive), so it gets the answer without sending it.
+        await send({"type": "http.response.body", "body": refusal.body, "more_body": False})
+        return
+    await send({"type": "http.response.body", "body": refusal.body, "more_body": True})
+    await _drain(receive)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _drain(receive: Receive) -> None:
+    drained = 0
+    while drained <= _DRAIN_LIMIT_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        drained += len(message.get("body", b""))
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body (a Content-Length one, or chunked); None when the client left first.
+    Raises BodyTooLarge as soon as it passes `limit`, holding no more than that."""
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return True  # the client left before its body arrived: nobody to answer
-        chunks.append(message.get("body", b""))
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    request = HotRequest(app, headers, chunks[0] if len(chunks) == 1 else b"".join(chunks), receive)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def serve(
+    app: Litestar,
+    handler: Any,
+    scope: Scope,
+    headers: dict[str, str],
+    receive: Receive,
+    send: Send,
+    too_large: Refusal,
+    max_body_bytes: int,
+) -> None:
+    """Read the body and answer the request (the front has checked its key and admitted it)."""
+    try:
+        body = await read_body(receive, max_body_bytes)
+    except BodyTooLarge:
+        await refuse(send, receive, headers, too_large)
+        return
+    if body is None:
+        return  # the client left before its body arrived: nobody to answer
+    request = HotRequest(app, scope, headers, body, receive)
     try:
         response = await handler(request)
     except ApiError as err:
         await _send_whole(send, err.status, error_json(err), "application/json", err.headers)
-        return True
+        return
     except HTTPException as exc:  # Litestar's own (none expected here): shaped as Litestar would
         answer = handle_http_exception(None, exc)  # type: ignore[arg-type]  # it reads no request
         await _send_whole(send, answer.status_code or 500, answer.content, answer.media_type, answer.headers)
-        return True
+        return
     except Exception:
         log.exception("unexpected error in POST %s", scope["path"])
         await _send_whole(send, 500, error_json(ApiError(500, "internal server error")), "application/json")
-        return True
+        return
     if isinstance(response, Stream):
         await _send_stream(response, receive, send)
     else:
@@ -103,7 +164,6 @@ async def serve(app: Litestar, handler: Any, scope: Scope, receive: Receive, sen
         await _send_whole(
             send, response.status_code or 200, response.content, response.media_type, response.headers
         )
-    return True
 
 
 def _head(media_type: Any, headers: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:

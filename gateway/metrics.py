@@ -7,6 +7,7 @@ reported on the request's first frame. Their ratio says how exact the index is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -79,12 +80,27 @@ class GatewayMetrics:
             buckets=_BUCKETS,
             registry=r,
         )
+        self.admitted = Gauge(
+            "prefixgate_gateway_admitted_requests",
+            "Completion requests in flight at the gateway (admitted, answer not yet ended)",
+            registry=r,
+        )
+        self.refused = Counter(
+            "prefixgate_gateway_refused_requests",
+            "Requests answered by the gateway's front before any handler, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.routing_time = Histogram(
             "prefixgate_gateway_routing_seconds",
             "Tokenize, hash, match and choose",
             buckets=_BUCKETS,
             registry=r,
         )
+
+    def watch_admitted(self, in_flight: Callable[[], float]) -> None:
+        """Read the admission count at scrape time: no gauge update on the request path."""
+        self.admitted.set_function(in_flight)
 
     def child(self, metric: Counter | Gauge, *labels: str) -> Any:
         """`metric.labels(*labels)`, kept: labels() takes a lock and builds its key on every

@@ -43,6 +43,7 @@ from engine.server.openai_types import (
 from engine.server.protocol import GenerateRequest, TokenLogprob
 from engine.server.response_format import ChatOutputPlan
 from engine.server.tool_calls import ToolDeltaStream, assistant_message, finish_reason, message_finish_reason
+from gateway.auth import OPEN, TENANT_SCOPE_KEY
 from gateway.errors import ApiError, bad_request, decode_json, error_json
 from gateway.openai_inputs import completion_ids, generate_request, stops
 from gateway.pool import ModelPool
@@ -78,6 +79,8 @@ async def _start(
     generate: GenerateRequest,
 ) -> ProxiedGeneration:
     generate.token_ids = token_ids
+    # Set here, before routing hashes it, so the index and the replica see one salt.
+    generate.cache_salt = request.scope.get(TENANT_SCOPE_KEY, OPEN).cache_salt(generate.cache_salt)
     span = GatewaySpan(
         "chat" if isinstance(body, ChatCompletionRequest) else "text_completion",
         body.model or pool.name,

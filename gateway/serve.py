@@ -25,6 +25,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import GatewayApp
+from gateway.auth import load_access
 from gateway.config import GatewayConfig
 from traces import configure_tracing, shutdown_tracing
 
@@ -168,9 +169,10 @@ def serve(
             time.sleep(0.2)
         config = replace(config, replicas=(*config.replicas, *(url for _, url in replicas)))
         where = f"http://{config.host}:{config.port}"
+        key_note = "a configured api_key" if load_access(config).keys_required else "any api_key"
         banner = (
             f"prefixgate: {len(replicas)} replicas ready; gateway on {where}\n"
-            f"prefixgate: point an OpenAI client at base_url={where}/v1 (any api_key); Ctrl-C stops all"
+            f"prefixgate: point an OpenAI client at base_url={where}/v1 ({key_note}); Ctrl-C stops all"
         )
         run_gateway(config, banner)
     except KeyboardInterrupt:

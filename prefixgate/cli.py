@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -160,10 +161,35 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         default=300.0,
         help="seconds without a byte from a replica before its request is failed",
     )
+    parser.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="JSON or TOML: keys = {KEY: TENANT}, optional tenants = {TENANT: {max_in_flight = N}} "
+        "and salt_secret = S; with keys (here or in env PREFIXGATE_API_KEYS='key=tenant,...') "
+        "every /v1 request needs 'Authorization: Bearer KEY' and each tenant gets its own "
+        "prefix cache; with none the gateway is open",
+    )
+    parser.add_argument(
+        "--admin-key",
+        default=os.environ.get("PREFIXGATE_ADMIN_KEY"),
+        help="key for /admin routes (default: env PREFIXGATE_ADMIN_KEY); with API keys and no admin "
+        "key, /admin routes answer 403",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=4096,
+        help="completion requests in flight at the gateway; more get 429 with Retry-After",
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413 (default 16 MiB)"
+    )
     parser.add_argument("--log-level", default="info")
 
 
 def _gateway(args: argparse.Namespace) -> int:
+    from gateway.auth import load_access, parse_key_list
     from gateway.config import GatewayConfig
     from gateway.serve import run_gateway, serve
 
@@ -178,7 +204,14 @@ def _gateway(args: argparse.Namespace) -> int:
             liveness_timeout_s=args.liveness_timeout,
             upstream_idle_timeout_s=args.upstream_idle_timeout,
             log_level=args.log_level.lower(),
+            api_keys_file=args.api_keys,
+            api_keys=parse_key_list(os.environ.get("PREFIXGATE_API_KEYS", "")),
+            admin_key=args.admin_key or None,
+            salt_secret=os.environ.get("PREFIXGATE_SALT_SECRET") or None,
+            max_in_flight=args.max_in_flight,
+            max_body_bytes=args.max_body_bytes,
         )
+        load_access(config)  # a bad keys file fails here, before any replica starts
         if args.command == "gateway":
             if not config.replicas and not config.foreign_replicas:
                 print(
