@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks, per replica")
     serve.add_argument("--engine-arg", action="append", default=[], help="passed on to each replica")
 
+    from bench.serve.cli import add_serve_commands, run_serve_bench
     from bench.simulator.cli import add_bench_commands, run_bench
 
-    add_bench_commands(commands)
+    add_serve_commands(add_bench_commands(commands))
 
     args = parser.parse_args(argv)
     if args.command == "generate":
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("gateway", "serve"):
         return _gateway(args)
     if args.command == "bench":
+        if args.bench_command in ("serve", "plot"):
+            return run_serve_bench(args)
         return run_bench(args)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -14,7 +14,8 @@ from bench.workloads import WORKLOADS, generate
 from bench.workloads.trace import Trace
 
 
-def add_bench_commands(commands: Any) -> None:
+def add_bench_commands(commands: Any) -> Any:
+    """Add `bench` with `workload` and `simulate`; returns its subcommands (for more to join)."""
     bench = commands.add_parser("bench", help="workload traces and the routing simulator")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
@@ -38,6 +39,7 @@ def add_bench_commands(commands: Any) -> None:
     simulate.add_argument("--max-batched-tokens", type=int, default=ReplicaConfig.max_batched_tokens)
     simulate.add_argument("--out", default="bench/results", help="folder for the JSON and markdown")
     simulate.add_argument("--name", default=None, help="file name stem (default: simulate-<workload>)")
+    return sub
 
 
 def _generator_options(parser: argparse.ArgumentParser) -> None:
