@@ -1,5 +1,10 @@
 """The gateway's litestar application: OpenAI API, admin and ops routes, one Registry.
 
+In front of it all, GatewayApp.__call__ answers before any handler: 413 for a body declared
+over max_body_bytes, 401 / 403 for a missing or wrong key (gateway/auth.py), 429 beyond
+max_in_flight (gateway/admission.py). Admitted completion requests carry their Tenant in
+the ASGI scope, from which openai_api sets the cache_salt that routing and replicas use.
+
 Importing this module must not import torch (tests/gateway/test_gateway_units.py checks):
 the gateway runs where no model does.
 """

@@ -43,7 +43,7 @@ from engine.server.openai_types import (
 from engine.server.protocol import GenerateRequest, TokenLogprob
 from engine.server.response_format import ChatOutputPlan
 from engine.server.tool_calls import ToolDeltaStream, assistant_message, finish_reason, message_finish_reason
-from gateway.auth import OPEN, TENANT_SCOPE_KEY
+from gateway.auth import OPEN, TENANT_SCOPE_KEY, Tenant
 from gateway.errors import ApiError, bad_request, decode_json, error_json
 from gateway.openai_inputs import completion_ids, generate_request, stops
 from gateway.pool import ModelPool
@@ -66,8 +66,10 @@ def _sse(message: msgspec.Struct) -> bytes:
     return b"data: " + _encoder.encode(message) + b"\n\n"
 
 
-def _session_id(request: Request[Any, Any, Any], body: SamplingFields) -> str | None:
-    return request.headers.get("x-session-id") or body.user
+def _session_id(request: Request[Any, Any, Any], body: SamplingFields, tenant: Tenant) -> str | None:
+    session = request.headers.get("x-session-id") or body.user
+    # Tenants' session ids are apart too: one's "user-1" must not steer another's routing.
+    return f"{tenant.salt}/{session}" if session and tenant.salt is not None else session
 
 
 async def _start(
@@ -80,7 +82,8 @@ async def _start(
 ) -> ProxiedGeneration:
     generate.token_ids = token_ids
     # Set here, before routing hashes it, so the index and the replica see one salt.
-    generate.cache_salt = request.scope.get(TENANT_SCOPE_KEY, OPEN).cache_salt(generate.cache_salt)
+    tenant = request.scope.get(TENANT_SCOPE_KEY, OPEN)
+    generate.cache_salt = tenant.cache_salt(generate.cache_salt)
     span = GatewaySpan(
         "chat" if isinstance(body, ChatCompletionRequest) else "text_completion",
         body.model or pool.name,
@@ -93,7 +96,7 @@ async def _start(
         stream=bool(body.stream),
     )
     generation = ProxiedGeneration(
-        registry, pool, token_ids, generate, stops(body), _session_id(request, body), span
+        registry, pool, token_ids, generate, stops(body), _session_id(request, body, tenant), span
     )
     await generation.start()
     return generation
