@@ -49,6 +49,13 @@ def add_serve_commands(sub: Any) -> None:
     serve.add_argument("--vocab-size", type=int, default=None, help="fold token ids below this")
     serve.add_argument("--max-output-len", type=int, default=None, help="cap the trace's output lengths")
     serve.add_argument("--no-ignore-eos", action="store_true", help="let answers stop at EOS")
+    serve.add_argument(
+        "--salt",
+        type=int,
+        default=0,
+        help="token-id salt: same sharing structure, other ids, so no earlier run's prompts are cached "
+        "(a sweep adds the run's index)",
+    )
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--out", default="bench/results", help="folder for the JSON, markdown and plots")
     serve.add_argument("--name", default=None, help="file name stem (default: serve-<workload>-<label>)")
@@ -116,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         label=args.label,
         api_key=args.api_key,
+        key_salt=args.salt,
         progress=not args.no_progress,
         keep_requests=args.save_requests,
     )

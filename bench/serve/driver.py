@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 from bench.serve.gateway_stats import diff_stats, scrape
 from bench.serve.metrics import RequestOutcome, compute_metrics
-from bench.serve.plan import PlannedRequest, load_tokenizer, plan_requests
+from bench.serve.plan import Plan, PlannedRequest, load_tokenizer, plan_requests
 from bench.serve.report import BenchmarkResult, CacheStats, RequestRecord
 from bench.workloads.trace import Trace
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ async def first_model(session: aiohttp.ClientSession, base_url: str) -> str:
     return str(models[0]["id"])
 
 
-def _payload(config: ServeConfig, model: str, request: PlannedRequest) -> dict[str, Any]:
+def _body(config: ServeConfig, model: str, prompt: list[int] | str, request: PlannedRequest) -> bytes:
     payload: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_tokens,
@@ -75,12 +76,12 @@ def _payload(config: ServeConfig, model: str, request: PlannedRequest) -> dict[s
         "stream_options": {"include_usage": True},
     }
     if config.endpoint == "chat":
-        payload["messages"] = [{"role": "user", "content": request.prompt_text}]
+        payload["messages"] = [{"role": "user", "content": prompt}]
     else:
-        payload["prompt"] = list(request.prompt_ids or ())
+        payload["prompt"] = prompt
     if config.ignore_eos:
         payload["ignore_eos"] = True
-    return payload
+    return _encode(payload)
 
 
 def _error_text(status: int, body: bytes) -> str:
@@ -94,13 +95,13 @@ def _error_text(status: int, body: bytes) -> str:
 async def send_request(
     session: aiohttp.ClientSession,
     url: str,
-    payload: dict[str, Any],
+    body: bytes,
     headers: dict[str, str],
     request: PlannedRequest,
     run_start: float,
+    chat: bool,
 ) -> RequestOutcome:
     """One streamed request, timed as vLLM times it (see metrics.py for the definitions)."""
-    chat = "messages" in payload
     sent = time.perf_counter()
     first: float | None = None
     last_output = last_choice = sent
@@ -109,7 +110,7 @@ async def send_request(
     usage: dict[str, Any] | None = None
     error = ""
     try:
-        async with session.post(url, json=payload, headers=headers) as response:
+        async with session.post(url, data=body, headers=headers) as response:
             if response.status != 200:
                 error = _error_text(response.status, await response.read())
             else:
@@ -155,7 +156,7 @@ async def send_request(
     if first is None and not error:
         error = "the stream ended without output"
     success = not error
-    prompt_tokens = request.trace_prompt_len if request.prompt_ids is None else len(request.prompt_ids)
+    prompt_tokens = request.prompt_len  # unless the usage says otherwise (chat templates add some)
     cached: int | None = None
     if usage is not None:
         prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
@@ -180,7 +181,7 @@ async def send_request(
 
 
 async def _replay(
-    session: aiohttp.ClientSession, config: ServeConfig, model: str, planned: Sequence[PlannedRequest]
+    session: aiohttp.ClientSession, config: ServeConfig, model: str, plan: Plan
 ) -> tuple[list[RequestOutcome], float]:
     url = config.base_url.rstrip("/") + (
         "/v1/chat/completions" if config.endpoint == "chat" else "/v1/completions"
@@ -189,6 +190,8 @@ async def _replay(
     limit: Any = (
         asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else contextlib.nullcontext()
     )
+    planned = plan.requests
+    chat = config.endpoint == "chat"
     finished: dict[str, asyncio.Event] = {r.request_id: asyncio.Event() for r in planned}
     finished_at: dict[str, float] = {}
     rate = "trace" if config.request_rate is None else f"{config.request_rate:g}/s"
@@ -208,14 +211,15 @@ async def _replay(
         delay = start + ready - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        headers = dict(base_headers)
+        headers = {**base_headers, "Content-Type": "application/json"}
         if request.session_id:
             headers["x-session-id"] = request.session_id
         try:
             async with limit:
-                return await send_request(
-                    session, url, _payload(config, model, request), headers, request, start
-                )
+                # Built once the request may go: at an infinite rate with a concurrency cap,
+                # thousands wait here, and their prompts would otherwise all sit in memory.
+                body = _body(config, model, plan.prompt(request), request)
+                return await send_request(session, url, body, headers, request, start, chat)
         finally:
             finished_at[request.request_id] = time.perf_counter() - start
             finished[request.request_id].set()
@@ -236,12 +240,10 @@ def _rate_label(rate: float | None) -> float | str:
 
 async def run_benchmark_async(trace: Trace, config: ServeConfig) -> BenchmarkResult:
     """Replay `trace` against `config.base_url` once and measure it."""
-    tokenizer = (
-        load_tokenizer(config.tokenizer)
-        if (config.tokenizer or config.endpoint == "chat" or not config.vocab_size)
-        else None
-    )
-    planned = plan_requests(
+    # The tokenizer turns ids into text for chat, and gives the vocabulary to fold ids into.
+    wants_tokenizer = config.tokenizer or config.endpoint == "chat" or config.vocab_size is None
+    tokenizer = load_tokenizer(config.tokenizer) if wants_tokenizer else None
+    plan = plan_requests(
         trace,
         endpoint=config.endpoint,
         vocab_size=config.vocab_size,
@@ -258,7 +260,7 @@ async def run_benchmark_async(trace: Trace, config: ServeConfig) -> BenchmarkRes
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
         model = config.model or await first_model(session, config.base_url)
         before = await scrape(session, config.base_url)
-        outcomes, duration = await _replay(session, config, model, planned)
+        outcomes, duration = await _replay(session, config, model, plan)
         after = await scrape(session, config.base_url) if before is not None else None
     gateway = diff_stats(before, after) if before is not None and after is not None else None
     label = config.label or (
@@ -276,7 +278,7 @@ async def run_benchmark_async(trace: Trace, config: ServeConfig) -> BenchmarkRes
         model=model,
         workload=trace.header.workload,
         trace_seed=trace.header.seed,
-        num_requests=len(planned),
+        num_requests=len(plan.requests),
         request_rate=_rate_label(config.request_rate),
         burstiness=config.burstiness,
         max_concurrency=config.max_concurrency,

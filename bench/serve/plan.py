@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,8 @@ _KEY_MASK = (1 << 63) - 1
 class PlannedRequest:
     request_id: str
     session_id: str | None
-    prompt_ids: tuple[int, ...] | None  # for /v1/completions
-    prompt_text: str | None  # for /v1/chat/completions
-    trace_prompt_len: int
+    prompt: tuple[Segment, ...]  # built into ids or text only when sent (see Plan.prompt)
+    prompt_len: int
     max_tokens: int
     arrival_s: float | None  # None: goes when `after` have finished (+ think time)
     after: tuple[str, ...]
@@ -108,12 +108,12 @@ class PromptMaker:
             ids = RESERVED_IDS + (ids.astype(np.int64) - RESERVED_IDS) % (self._vocab - RESERVED_IDS)
         return ids
 
-    def ids(self, segments: list[Segment]) -> tuple[int, ...]:
+    def ids(self, segments: Sequence[Segment]) -> list[int]:
         if not segments:
-            return ()
-        return tuple(int(t) for t in np.concatenate([self._ids(s) for s in segments]))
+            return []
+        return np.concatenate([self._ids(s) for s in segments]).tolist()
 
-    def text(self, segments: list[Segment]) -> str:
+    def text(self, segments: Sequence[Segment]) -> str:
         if self._tokenizer is None:
             raise ValueError("the chat endpoint needs a tokenizer (--tokenizer FOLDER) to turn ids into text")
         parts = []
@@ -124,6 +124,22 @@ class PromptMaker:
                 known = self._texts[segment] = self._tokenizer.decode(ids, skip_special_tokens=True)
             parts.append(known)
         return "".join(parts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The requests in trace order; prompts are built per request when it is sent, so a
+    10,000-request trace of long prompts does not hold every prompt in memory at once."""
+
+    endpoint: str
+    requests: list[PlannedRequest]
+    prompts: PromptMaker
+
+    def prompt(self, request: PlannedRequest) -> list[int] | str:
+        """Token ids for /v1/completions, text for /v1/chat/completions."""
+        if self.endpoint == "chat":
+            return self.prompts.text(request.prompt)
+        return self.prompts.ids(request.prompt)
 
 
 def plan_requests(
@@ -137,10 +153,14 @@ def plan_requests(
     seed: int = 0,
     max_output_len: int | None = None,
     key_salt: int = 0,
-) -> list[PlannedRequest]:
-    """The requests of `trace` in trace order, ready to send (see the module docstring)."""
+) -> Plan:
+    """What to send for `trace`, and when (see the module docstring)."""
     if endpoint not in ("completions", "chat"):
         raise ValueError(f"endpoint must be 'completions' or 'chat', got {endpoint!r}")
+    if endpoint == "chat" and tokenizer is None:
+        raise ValueError("the chat endpoint needs a tokenizer (--tokenizer FOLDER) to turn ids into text")
+    if max_output_len is not None and max_output_len < 1:
+        raise ValueError(f"max output length must be >= 1, got {max_output_len}")
     vocab = vocab_size or (tokenizer.get_vocab_size() if tokenizer is not None else trace.header.vocab_size)
     maker = PromptMaker(trace.header.vocab_size, vocab, tokenizer, key_salt)
     times = (
@@ -159,13 +179,12 @@ def plan_requests(
             PlannedRequest(
                 request_id=request.request_id,
                 session_id=request.session_id,
-                prompt_ids=maker.ids(request.prompt) if endpoint == "completions" else None,
-                prompt_text=maker.text(request.prompt) if endpoint == "chat" else None,
-                trace_prompt_len=request.prompt_len,
+                prompt=tuple(request.prompt),
+                prompt_len=request.prompt_len,
                 max_tokens=min(request.output_len, max_output_len or request.output_len),
                 arrival_s=arrival,
                 after=tuple(request.after),
                 think_time_s=think,
             )
         )
-    return planned
+    return Plan(endpoint, planned, maker)

@@ -130,15 +130,15 @@ def test_plan_folds_ids_keeps_sharing_and_salts_for_fresh_prefixes() -> None:
         "generated-shared-prefix", seed=0, num_groups=2, prompts_per_group=3, system_prompt_len=64
     )
     plan = plan_requests(trace, endpoint="completions", vocab_size=1000, tokenizer=None, request_rate=None)
-    ids = [np.array(p.prompt_ids) for p in plan]
+    ids = [np.array(plan.prompt(p)) for p in plan.requests]
     assert all(a.min() >= 256 and a.max() < 1000 for a in ids)
     assert np.array_equal(ids[0][:64], ids[2][:64]) and not np.array_equal(ids[0][:64], ids[3][:64])
-    assert [p.max_tokens for p in plan] == [trace.requests[0].output_len] * 6
+    assert [p.max_tokens for p in plan.requests] == [trace.requests[0].output_len] * 6
     salted = plan_requests(
         trace, endpoint="completions", vocab_size=1000, tokenizer=None, request_rate=None, key_salt=1
     )
-    assert np.array_equal(salted[0].prompt_ids[:64], salted[2].prompt_ids[:64])  # type: ignore[index]
-    assert salted[0].prompt_ids[:64] != plan[0].prompt_ids[:64]  # type: ignore[index]
+    other = [np.array(salted.prompt(p)) for p in salted.requests]
+    assert np.array_equal(other[0][:64], other[2][:64]) and not np.array_equal(other[0][:64], ids[0][:64])
 
 
 def test_plan_keeps_session_order_and_think_time_unless_a_rate_is_given() -> None:
@@ -151,15 +151,15 @@ def test_plan_keeps_session_order_and_think_time_unless_a_rate_is_given() -> Non
     )  # fmt: skip
     trace = Trace(generate("random", num_requests=1).header, (first, second))
     own = plan_requests(trace, endpoint="completions", vocab_size=None, tokenizer=None, request_rate=None)
-    assert [(p.arrival_s, p.after, p.think_time_s, p.session_id) for p in own] == [
+    assert [(p.arrival_s, p.after, p.think_time_s, p.session_id) for p in own.requests] == [
         (0.5, (), 0.0, "s"),
         (None, ("a",), 2.0, "s"),
     ]
     rated = plan_requests(
         trace, endpoint="completions", vocab_size=None, tokenizer=None, request_rate=4.0, seed=5
     )
-    assert rated[1].after == ("a",) and rated[1].think_time_s == 0.0
-    assert rated[1].arrival_s == pytest.approx(0.5)  # n / rate
+    assert rated.requests[1].after == ("a",) and rated.requests[1].think_time_s == 0.0
+    assert rated.requests[1].arrival_s == pytest.approx(0.5)  # n / rate
     with pytest.raises(ValueError, match="tokenizer"):
         plan_requests(trace, endpoint="chat", vocab_size=None, tokenizer=None, request_rate=None)
 
