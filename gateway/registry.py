@@ -124,6 +124,11 @@ class Registry:
             pool = self.pools.get(model)
             if pool is None:
                 pool = next((p for p in self.pools.values() if model in p.aliases), None)
+            if pool is None and not all(r.attempted for r in self.replicas.values()):
+                # Just started (or a replica just added): the model may be on one not joined yet.
+                raise ApiError(
+                    503, "the gateway is still connecting to its replicas", headers={"Retry-After": "1"}
+                )
             if pool is None:
                 served = ", ".join(sorted(self.pools)) or "none yet"
                 raise ApiError(
@@ -136,7 +141,7 @@ class Registry:
         if len(self.pools) == 1:
             return next(iter(self.pools.values()))
         if not self.pools:
-            raise ApiError(503, "no replica is ready yet")
+            raise ApiError(503, "no replica is ready yet", headers={"Retry-After": "1"})
         raise ApiError(400, "several models are served: name one in `model`", param="model")
 
     # ---- circuit breaker -------------------------------------------------------------
@@ -176,7 +181,7 @@ class Registry:
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
-                replica.last_error = f"no heartbeat for {self.config.liveness_timeout_s:g} s: hung"
+                replica.last_error = "the replica stopped answering: hung"
                 self._set_status(replica, UNHEALTHY)
                 if failed := connections().abort(replica.url, "the replica stopped responding"):
                     log.warning("replica %s hung: %d requests failed over", replica.url, failed)

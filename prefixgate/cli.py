@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument(
         "--core-stall-timeout",
         type=float,
-        default=30.0,
-        help="seconds with work queued and no engine step before the replica reports itself hung",
+        default=5.0,
+        help="seconds of silence from the engine core, with work queued, before the replica reports a hang",
     )
     engine.add_argument("--log-level", default="info")
 

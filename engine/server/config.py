@@ -27,9 +27,12 @@ class ServerConfig:
     kv_subscriber_buffer: int = 10_000
     # An idle /kv/events stream sends a heartbeat this often, so a dead peer is noticed.
     kv_heartbeat_s: float = 1.0
-    # Work in flight and no engine step finished for this long: the core is hung (/health 503,
-    # heartbeats stop). One step takes well under a second; a long prefill is chunked.
-    core_stall_s: float = 30.0
+    # Work in flight and the engine core process silent this long (it stamps a shared clock
+    # every 0.5 s from a thread): the core is hung (/health 503, heartbeats stop).
+    core_stall_s: float = 5.0
+    # Work in flight and no engine step finished for this long: hung inside a step (a wedged
+    # GPU call). Long, because one CPU step of a 2,048-token chunk can take ~10 s.
+    core_progress_timeout_s: float = 300.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -41,8 +44,10 @@ class ServerConfig:
             raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
         if self.drain_timeout_s < 0 or self.kv_heartbeat_s <= 0 or self.kv_subscriber_buffer < 1:
             raise ValueError("drain_timeout_s, kv_heartbeat_s and kv_subscriber_buffer must be positive")
-        if self.core_stall_s <= self.kv_heartbeat_s:
-            raise ValueError("core_stall_s must be longer than kv_heartbeat_s")
+        if self.core_stall_s <= self.kv_heartbeat_s or self.core_progress_timeout_s <= 0:
+            raise ValueError(
+                "core_stall_s must be longer than kv_heartbeat_s; core_progress_timeout_s positive"
+            )
 
     @property
     def max_in_flight(self) -> int:

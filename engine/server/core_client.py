@@ -129,6 +129,7 @@ class CoreClient:
         self._process: Any = None
         # When the core last showed progress: a step's output, or work arriving while idle.
         self._progress_at = time.monotonic()
+        self._alive: Any = None  # the core's own liveness stamp (shared memory)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -136,9 +137,10 @@ class CoreClient:
         context = multiprocessing.get_context("spawn")
         core_inbox, to_core = context.Pipe(duplex=False)
         from_core, core_outbox = context.Pipe(duplex=False)
+        self._alive = context.Value("d", time.monotonic(), lock=False)
         self._process = context.Process(
             target=run_core_process,
-            args=(self._core_config, core_inbox, core_outbox),
+            args=(self._core_config, core_inbox, core_outbox, self._alive),
             name="prefixgate-core",
             daemon=True,
         )
@@ -172,12 +174,16 @@ class CoreClient:
 
     @property
     def stalled(self) -> bool:
-        """The core holds work but has finished no step for `core_stall_s`: it hangs (a wedged
-        GPU, a stopped process). /health and the /kv/events heartbeats then go quiet, so a
-        gateway fails this replica's requests over instead of waiting on them forever."""
+        """The core holds work and hangs: its process gave no sign of life for `core_stall_s`
+        (stopped, starved), or it finished no step for `core_progress_timeout_s` (a wedged GPU
+        call; one CPU step may take seconds, so this bound is long). /health and the /kv/events
+        heartbeats then go quiet, so a gateway fails this replica's requests over."""
         if not self._inflight:
             return False
-        return time.monotonic() - self._progress_at > self.config.core_stall_s
+        now = time.monotonic()
+        if self._alive is not None and now - self._alive.value > self.config.core_stall_s:
+            return True
+        return now - self._progress_at > self.config.core_progress_timeout_s
 
     def begin_drain(self) -> None:
         self.draining = True

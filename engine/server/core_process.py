@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from engine.config import EngineConfig
 from engine.core import EngineCore, InvalidRequestError, RequestDelta
@@ -27,6 +29,15 @@ log = logging.getLogger("prefixgate.engine.core")
 
 # With nothing to do, wake this often anyway: a dead parent shows up as EOF on the pipe.
 _IDLE_POLL_S = 1.0
+# The core stamps `alive` this often from a thread of its own: the API process reads the
+# stamp to tell a stopped or wedged process from a long step (torch ops release the GIL).
+ALIVE_INTERVAL_S = 0.5
+
+
+def _stamp_alive(alive: Any) -> None:
+    while True:
+        alive.value = time.monotonic()
+        time.sleep(ALIVE_INTERVAL_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +47,13 @@ class CoreProcessConfig:
     log_level: str = "info"
 
 
-def run_core_process(config: CoreProcessConfig, inbox: Connection, outbox: Connection) -> None:
-    """Entry point of the spawned process."""
+def run_core_process(
+    config: CoreProcessConfig, inbox: Connection, outbox: Connection, alive: Any = None
+) -> None:
+    """Entry point of the spawned process. `alive`: a shared double (multiprocessing.Value)
+    this process keeps stamping with time.monotonic() (system-wide on Linux)."""
+    if alive is not None:
+        threading.Thread(target=_stamp_alive, args=(alive,), name="core-alive", daemon=True).start()
     # Ctrl-C, or a supervisor's SIGTERM, reaches the whole process group. The API process
     # drains first and then sends Shutdown; the core stops then, or on EOF if its parent dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
