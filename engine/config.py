@@ -34,6 +34,9 @@ class EngineConfig:
     eviction_policy: str = "lru"
     seed: int = 0
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU with the Triton backend)
+    # "safetensors": the folder's weights; "dummy": random weights of the folder's config.json
+    # shape (vLLM's --load-format dummy), for serving benchmarks of real shapes without a download.
+    load_format: str = "safetensors"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -44,6 +47,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_batched_tokens must be positive")
         if not 0.0 < self.gpu_memory_fraction < 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction}")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be safetensors or dummy, got {self.load_format!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
 

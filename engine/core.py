@@ -68,7 +68,12 @@ class EngineCore:
         device = config.torch_device()
         dtype = config.torch_dtype(device)
         if loaded is None:
-            loaded = load_model(resolve_model(config.model), dtype=dtype, device=device)
+            loaded = load_model(
+                resolve_model(config.model),
+                dtype=dtype,
+                device=device,
+                random_weights=config.load_format == "dummy",
+            )
         self.model_config = loaded.config
         self.model_id = "SmolLM2-135M-Instruct" if is_default_model(config.model) else loaded.path.name
         self.device = next(loaded.model.parameters()).device

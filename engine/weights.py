@@ -77,11 +77,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     backend: AttentionBackend | None = None,
+    random_weights: bool = False,
 ) -> LoadedModel:
+    """The model in `folder`; with `random_weights`, its config.json shape with random weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found")
     config = read_model_config(folder)
+    if random_weights:
+        model = build_model(config, dtype, torch.device(device), backend)
+        randomize_weights(model)
+        return LoadedModel(model=model, config=config, path=folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors weight files")

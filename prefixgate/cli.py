@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--max-batched-tokens", type=int, default=2048)
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument(
+        "--load-format",
+        choices=["safetensors", "dummy"],
+        default="safetensors",
+        help="dummy: random weights of the folder's config.json shape (benchmarks)",
+    )
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     engine.add_argument("--default-max-tokens", type=int, default=256)
@@ -130,6 +136,7 @@ def _engine(args: argparse.Namespace) -> int:
                 max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching,
                 seed=args.seed,
+                load_format=args.load_format,
             ),
             host=args.host,
             port=args.port,

@@ -95,7 +95,12 @@ def _build_core(config: CoreProcessConfig) -> EngineCore:
 
     engine = config.engine
     device = engine.torch_device()
-    loaded = load_model(Path(config.model_folder), dtype=engine.torch_dtype(device), device=device)
+    loaded = load_model(
+        Path(config.model_folder),
+        dtype=engine.torch_dtype(device),
+        device=device,
+        random_weights=engine.load_format == "dummy",
+    )
     return EngineCore(engine, loaded, load_tokenizer(Path(config.model_folder)))
 
 
