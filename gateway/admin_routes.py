@@ -1,4 +1,7 @@
-"""GET /health, /ready, /metrics; /admin/replicas to list, add and remove replicas at run time."""
+"""GET /health, /ready, /metrics; /admin/replicas to list, add and remove replicas at run time.
+
+Every /admin route carries admin_guard (gateway/auth.py), also checked by the front in gateway/app.py.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, delete, get, post
 
+from gateway.auth import admin_guard
 from gateway.errors import ApiError, decode_json
 from gateway.openai_api import registry_of
 
@@ -42,7 +46,7 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[Any]:
     return Response(body, media_type=content_type)
 
 
-@get("/admin/replicas")
+@get("/admin/replicas", guards=[admin_guard])
 async def list_replicas(request: Request[Any, Any, Any]) -> Response[Any]:
     registry = registry_of(request)
     out = []
@@ -67,7 +71,7 @@ async def list_replicas(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json({"replicas": out})
 
 
-@post("/admin/replicas", status_code=201)
+@post("/admin/replicas", status_code=201, guards=[admin_guard])
 async def add_replica(request: Request[Any, Any, Any]) -> Response[Any]:
     body = decode_json(await request.body(), AddReplica)
     if not body.url.startswith(("http://", "https://")):
@@ -76,7 +80,7 @@ async def add_replica(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json({"url": replica.url, "status": replica.status}, 201)
 
 
-@delete("/admin/replicas", status_code=200)
+@delete("/admin/replicas", status_code=200, guards=[admin_guard])
 async def remove_replica(request: Request[Any, Any, Any], url: str) -> Response[Any]:
     await registry_of(request).remove(url)
     return _json({"url": url.rstrip("/"), "removed": True})

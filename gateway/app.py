@@ -18,7 +18,7 @@ from litestar.datastructures import State
 
 from gateway import admin_routes, hot_path, openai_api
 from gateway.admission import Admission
-from gateway.auth import TENANT_SCOPE_KEY, Refusal, Tenant, load_access
+from gateway.auth import TENANT_SCOPE_KEY, Refusal, Tenant, load_access, route_path
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS, ApiError
 from gateway.metrics import GatewayMetrics
@@ -51,7 +51,7 @@ class GatewayApp:
             on_startup=[self.registry.start],
             on_shutdown=[self.registry.stop, close_connections],
             exception_handlers=EXCEPTION_HANDLERS,
-            state=State({"registry": self.registry}),
+            state=State({"registry": self.registry, "access": self.access}),
             openapi_config=None,
             logging_config=None,
             debug=False,
@@ -69,7 +69,8 @@ class GatewayApp:
         if length is not None and length.isdigit() and int(length) > self._max_body_bytes:
             await self._refuse(headers, self._too_large, receive, send)
             return
-        tenant = self.access.check(scope["path"], headers.get("authorization"))
+        path = route_path(scope["path"])
+        tenant = self.access.check(path, headers.get("authorization"))
         if type(tenant) is Refusal:
             await self._refuse(headers, tenant, receive, send)
             return
@@ -77,7 +78,7 @@ class GatewayApp:
         scope[TENANT_SCOPE_KEY] = tenant
         # The two completion routes skip Litestar's per-request machinery (gateway/hot_path.py
         # says why and what it costs); everything else is Litestar's.
-        handler = hot_path.hot_handler(scope)
+        handler = hot_path.hot_handler(scope["method"], path)
         if handler is None:
             await self.litestar(scope, receive, send)
             return

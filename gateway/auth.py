@@ -16,11 +16,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
 
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError, error_json
@@ -31,6 +35,7 @@ _SALT_HEX_CHARS = 32  # 128 bits of HMAC-SHA256: fixed length, so prefixes canno
 # Routes anyone may call: probes and scrapes, which carry no tenant data.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 ADMIN_PREFIX = "/admin"
+_SLASHES = re.compile("/{2,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +58,10 @@ class Refusal:
     """An answer given before any handler runs: status, OpenAI-style body and headers, encoded
     once. Returned, not raised: a shared exception instance re-raised would grow its traceback."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "error", "headers", "status")
 
     def __init__(self, error: ApiError) -> None:
+        self.error = error
         self.status = error.status
         self.body = error_json(error)
         self.headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else error.headers
@@ -92,6 +98,15 @@ def _bearer(authorization: str | None) -> str | None:
     return key.strip() or None if scheme.lower() == "bearer" else None
 
 
+def route_path(path: str) -> str:
+    """The path as Litestar's router reads it: //admin/x/ is /admin/x, so must the checks be."""
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    if len(path) > 1 and path.endswith("/"):
+        path = path[:-1]
+    return path
+
+
 class Access:
     """Checks a request's Authorization header against the configured keys; one dict lookup."""
 
@@ -104,9 +119,10 @@ class Access:
         self.tenants = {t.name: t for t in self.tenants_by_key.values()}
 
     def check(self, path: str, authorization: str | None) -> Tenant | Refusal:
-        """The request's tenant, or the Refusal (401 / 403) when it may not call this path."""
+        """The request's tenant, or the Refusal (401 / 403) when it may not call `path` (as
+        route_path gives it)."""
         if path.startswith(ADMIN_PREFIX):
-            return self._check_admin(authorization)
+            return self.check_admin(authorization)
         if not self.keys_required or path in OPEN_PATHS:
             return OPEN
         if authorization is None:
@@ -119,7 +135,7 @@ class Access:
                 return _MISSING_KEY if key is None else _UNKNOWN_KEY
         return tenant
 
-    def _check_admin(self, authorization: str | None) -> Tenant | Refusal:
+    def check_admin(self, authorization: str | None) -> Tenant | Refusal:
         if self._admin_key is None:
             return _ADMIN_DISABLED if self.keys_required else OPEN
         key = _bearer(authorization)
@@ -128,6 +144,14 @@ class Access:
         if hmac.compare_digest(key.encode(), self._admin_key):  # no timing hint about the admin key
             return OPEN
         return _NOT_ADMIN if key in self.tenants_by_key else _UNKNOWN_KEY
+
+
+def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """On every admin route, behind the front's check: whatever path led the router there."""
+    refused = connection.app.state.access.check_admin(connection.headers.get("authorization"))
+    if isinstance(refused, Refusal):
+        error = refused.error  # a fresh exception each time: a shared one would grow its traceback
+        raise ApiError(error.status, error.message, code=error.code, error_type=error.error_type)
 
 
 def tenant_salt(secret: bytes, tenant: str) -> str:

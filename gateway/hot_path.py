@@ -65,11 +65,9 @@ class HotRequest:
         return self._body
 
 
-def hot_handler(scope: Scope) -> Any | None:
+def hot_handler(method: str, path: str) -> Any | None:
     """The handler serving this request here, or None to leave it to Litestar."""
-    if scope["type"] != "http" or scope["method"] != "POST":
-        return None
-    return _HANDLERS.get(scope["path"])
+    return _HANDLERS.get(path) if method == "POST" else None
 
 
 def request_headers(scope: Scope) -> dict[str, str]:

@@ -15,7 +15,17 @@ import httpx
 import openai
 import pytest
 
-from gateway.auth import OPEN, Refusal, Tenant, load_access, parse_key_list, tenant_salt
+from gateway import admin_routes
+from gateway.auth import (
+    OPEN,
+    Refusal,
+    Tenant,
+    admin_guard,
+    load_access,
+    parse_key_list,
+    route_path,
+    tenant_salt,
+)
 from gateway.config import GatewayConfig
 
 pytestmark = pytest.mark.slow
@@ -140,13 +150,15 @@ def test_admin_routes_need_the_admin_key(gateway: Any) -> None:
     add = {"url": "http://127.0.0.1:9/"}
     for key, status in ((None, 401), ("sk-unknown", 401), (KEY_A, 403)):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        for response in (
-            httpx.get(url, headers=headers),
-            httpx.post(url, json=add, headers=headers),
-            httpx.delete(url, params={"url": "http://127.0.0.1:9"}, headers=headers),
-        ):
-            assert response.status_code == status, (key, response.text)
-            _assert_clean(response.text)
+        # //admin and a trailing slash reach the same routes, and meet the same checks.
+        for path in ("/admin/replicas", "//admin//replicas/"):
+            for response in (
+                httpx.get(gateway.url + path, headers=headers),
+                httpx.post(gateway.url + path, json=add, headers=headers),
+                httpx.delete(gateway.url + path, params={"url": "http://127.0.0.1:9"}, headers=headers),
+            ):
+                assert response.status_code == status, (key, path, response.text)
+                _assert_clean(response.text)
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     listed = httpx.get(url, headers=admin)
     assert listed.status_code == 200 and len(listed.json()["replicas"]) == 1  # nothing was added
@@ -186,3 +198,9 @@ def test_keys_files_and_salts(tmp_path: Any) -> None:
             load_access(GatewayConfig(api_keys_file=str(bad)))
     with pytest.raises(ValueError):
         parse_key_list("no-tenant-here")
+
+
+def test_every_admin_route_is_guarded() -> None:
+    admin = [r for r in admin_routes.ROUTES if any(p.startswith("/admin") for p in r.paths)]
+    assert admin and all(admin_guard in (r.guards or ()) for r in admin)
+    assert route_path("//admin///replicas/") == "/admin/replicas" and route_path("/") == "/"
