@@ -15,6 +15,7 @@ from engine.server.config import ServerConfig
 from engine.server.core_client import CoreClient
 from engine.server.errors import EXCEPTION_HANDLERS
 from engine.server.metrics import HttpMetricsMiddleware, ServerMetrics
+from engine.server.openapi import REPLICA_OPERATIONS, openapi_config
 from engine.server.replica import Replica
 from engine.server.tokenizer import TextTools, load_tokenizer
 
@@ -41,7 +42,7 @@ class ReplicaApp:
             on_shutdown=[self._stop],
             exception_handlers=EXCEPTION_HANDLERS,
             state=State({"replica": self.replica}),
-            openapi_config=None,
+            openapi_config=openapi_config("prefixgate replica", REPLICA_OPERATIONS),
             logging_config=None,  # serve.run configures logging; litestar must not reconfigure it
             debug=False,
         )
