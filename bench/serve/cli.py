@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -56,7 +57,9 @@ def add_serve_commands(sub: Any) -> None:
         help="token-id salt: same sharing structure, other ids, so no earlier run's prompts are cached "
         "(a sweep adds the run's index)",
     )
-    serve.add_argument("--api-key", default=None)
+    serve.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="sent as a bearer token ($OPENAI_API_KEY)"
+    )
     serve.add_argument("--out", default="bench/results", help="folder for the JSON, markdown and plots")
     serve.add_argument("--name", default=None, help="file name stem (default: serve-<workload>-<label>)")
     serve.add_argument("--save-requests", action="store_true", help="keep per-request records in the JSON")

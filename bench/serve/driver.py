@@ -53,10 +53,10 @@ class ServeConfig:
     request_timeout_s: float = 6 * 3600.0
 
 
-async def first_model(session: aiohttp.ClientSession, base_url: str) -> str:
+async def first_model(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str]) -> str:
     url = base_url.rstrip("/") + "/v1/models"
     try:
-        async with session.get(url) as response:
+        async with session.get(url, headers=headers) as response:
             body = await response.read()
             if response.status != 200:
                 raise RuntimeError(f"GET {url} answered {response.status}: {body[:200]!r}")
@@ -115,17 +115,19 @@ async def send_request(
                 error = _error_text(response.status, await response.read())
             else:
                 buffer = b""
-                async for data in response.content.iter_any():
-                    buffer += data
+                async for received in response.content.iter_any():
+                    buffer += received
                     while (newline := buffer.find(b"\n")) >= 0:
                         line, buffer = buffer[:newline].strip(), buffer[newline + 1 :]
                         if not line.startswith(b"data:"):
                             continue  # blank separators, SSE comments (pings)
-                        body = line[5:].strip()
-                        if body == b"[DONE]":
+                        data_bytes = line[5:].strip()
+                        if data_bytes == b"[DONE]":
                             continue
-                        event = _decode(body)
                         now = time.perf_counter()
+                        event = _decode(data_bytes)
+                        if not isinstance(event, dict):
+                            continue
                         if event.get("error"):
                             error = str(event["error"].get("message", event["error"]))
                             continue
@@ -258,7 +260,8 @@ async def run_benchmark_async(trace: Trace, config: ServeConfig) -> BenchmarkRes
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
-        model = config.model or await first_model(session, config.base_url)
+        auth = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        model = config.model or await first_model(session, config.base_url, auth)
         before = await scrape(session, config.base_url)
         outcomes, duration = await _replay(session, config, model, plan)
         after = await scrape(session, config.base_url) if before is not None else None

@@ -4,8 +4,10 @@ From `gateway/metrics.py`: requests per replica and outcome, prompt tokens route
 the cached tokens the routing decision predicted and those the replica delivered (usage
 cached_tokens), retries, and routing decisions per policy and reason. The diff gives the
 predicted and delivered hit rate (cached / prompt tokens) overall and per replica, and each
-replica's share of the load. A server without these counters (a replica, sglang-router, vLLM)
-gives None.
+replica's share of the load. The counters count attempts: a request the gateway retried on
+another replica counts on both (see `retries`), so with retries the gateway's hit rates and the
+responses' (bench/serve/report.py CacheStats) differ. A server without these counters (a
+replica, sglang-router, vLLM) gives None.
 """
 
 from __future__ import annotations
