@@ -16,7 +16,7 @@ import pytest
 from bench.serve.gateway_stats import diff_stats, parse_metrics
 from bench.serve.metrics import RequestOutcome, compute_metrics, latency_stats, parse_slo
 from bench.serve.plan import arrival_times, plan_requests
-from bench.serve.report import read_report
+from bench.serve.report import BenchmarkResult, CacheStats, make_report, markdown, read_report, write_report
 from bench.workloads import generate
 from bench.workloads.trace import Segment, Trace, TraceRequest
 
@@ -190,6 +190,50 @@ def test_gateway_counters_diff_into_hit_rates_and_per_replica_load() -> None:
     assert (a.replica, a.requests, a.prompt_tokens, a.delivered_hit_rate) == ("http://a", 2, 200, 0.5)
     assert b.requests_by_outcome == {"error": 1, "ok": 5} and b.request_share == pytest.approx(6 / 8)
     assert b.predicted_hit_rate == pytest.approx(0.8)
+
+
+def _result(label: str, rate: float | str, gateway: object) -> BenchmarkResult:
+    runs = [outcome(0.1, 0.5, 5, (0.1, 0.1, 0.2)), outcome(0.3, 0.9, 3, (0.3, 0.3))]
+    return BenchmarkResult(
+        label=label, started_at="2026-11-28T00:00:00+00:00", base_url="http://x", endpoint="completions",
+        model="m", workload="generated-shared-prefix", trace_seed=0, num_requests=2, request_rate=rate,
+        burstiness=1.0, max_concurrency=None, slo_ms={}, metrics=compute_metrics(runs, 1.0),
+        cache=CacheStats(prompt_tokens=20, cached_tokens=10, hit_rate=0.5, requests_reporting=2),
+        gateway=gateway, errors=[],  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_reports_round_trip_and_plot_several_labels(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench.serve.gateway_stats import GatewayStats, ReplicaLoad
+    from bench.serve.plots import plot_reports
+
+    load = ReplicaLoad(
+        replica="http://r0", requests=2, requests_by_outcome={"ok": 2}, request_share=1.0, prompt_tokens=20,
+        prompt_token_share=1.0, predicted_cached_tokens=12, delivered_cached_tokens=10,
+        predicted_hit_rate=0.6, delivered_hit_rate=0.5, retries=0,
+    )  # fmt: skip
+    stats = GatewayStats(
+        policies={"kv_aware": 2}, reasons={"cache_hit": 2}, requests=2, prompt_tokens=20,
+        predicted_cached_tokens=12, delivered_cached_tokens=10, predicted_hit_rate=0.6,
+        delivered_hit_rate=0.5, replicas=[load],
+    )  # fmt: skip
+    kv = make_report(
+        [_result("kv_aware", 1.0, stats), _result("kv_aware", 2.0, stats), _result("kv_aware", "inf", stats)]
+    )
+    rr = make_report([_result("round_robin", 1.0, None), _result("round_robin", "inf", None)])
+    json_path, md_path = write_report(tmp_path, "kv", kv)
+    assert read_report(json_path) == kv
+    assert "| kv_aware | inf | - | 2 / 0 |" in md_path.read_text()
+    table = markdown([kv, rr])
+    assert "| round_robin | 1 |" in table and "| kv_aware | 2 | http://r0 | 2 |" in table
+    written = plot_reports([kv, rr], tmp_path / "plots", prefix="cmp-")
+    assert [p.name for p in written] == [
+        "cmp-latency_vs_rate.png",
+        "cmp-hit_rate.png",
+        "cmp-replica_load.png",
+    ]
+    assert all(p.stat().st_size > 10_000 for p in written)
 
 
 # --- one real run: gateway + one replica of the embedded model -------------------------------
