@@ -68,7 +68,10 @@ def arrival_times(count: int, rate: float, burstiness: float = 1.0, seed: int = 
 
 
 def default_tokenizer_folder() -> Path | None:
-    """The embedded model's folder, if it was fetched already (no download from here)."""
+    """The embedded model's folder, if it was fetched already (no download from here).
+
+    The path engine/model_store.py writes; not imported from there, as the engine package
+    pulls in torch, which a load driver has no need of."""
     home = Path(os.environ.get("PREFIXGATE_HOME") or Path.home() / ".cache" / "prefixgate")
     folder = home / "models" / "SmolLM2-135M-Instruct"
     return folder if (folder / "tokenizer.json").exists() else None
