@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -73,16 +74,19 @@ class Server:
 
     def wait_ready(self, timeout: float) -> Server:
         deadline = time.monotonic() + timeout
+        answer = "no answer"
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
                     if response.status == 200:
                         return self
-            except OSError:
-                pass
+            except urllib.error.HTTPError as err:
+                answer = f"{err.code} {err.read()[:300]!r}"
+            except OSError as err:
+                answer = repr(err)
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = self.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{self.log.name} did not come up:\n{tail}")
+                raise RuntimeError(f"{self.log.name} did not come up (/health: {answer}):\n{tail}")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -255,10 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         salt = 0
         for policy in args.policies.split(","):
-            gateway_args = ["gateway", "--policy", policy, "--log-level", "warning"]
+            gateway_args = ["gateway", "--policy", policy, "--log-level", "info"]
             for replica in replicas:
                 gateway_args += ["--replica", replica.url]
-            gateway = Server(gateway_args, work / f"gateway-{policy}.log").wait_ready(120)
+            gateway = Server(gateway_args, work / f"gateway-{policy}.log")
+            try:
+                gateway.wait_ready(180)
+            except RuntimeError:
+                for replica in replicas:
+                    print(replica.url, replica.get("/load"), flush=True)
+                raise
             try:
                 for name in args.workloads.split(","):
                     trace = all_traces[name]
