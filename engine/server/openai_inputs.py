@@ -16,6 +16,7 @@ from engine.sampling_params import MAX_TOP_LOGPROBS, Grammar, SamplingParams
 from engine.server import ipc
 from engine.server.errors import ApiError, bad_request
 from engine.server.openai_types import (
+    MIN_REPETITION_PENALTY,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
@@ -101,6 +102,10 @@ def sampling_params(
         raise bad_request("stream_options may only be set when stream is true", "stream_options")
     if request.seed is not None and not _SEED_MIN <= request.seed <= _SEED_MAX:
         raise bad_request(f"seed must be between {_SEED_MIN} and {_SEED_MAX}", "seed")
+    penalty = request.repetition_penalty
+    if penalty is not None and penalty < MIN_REPETITION_PENALTY:
+        message = f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 100], got {penalty}"
+        raise bad_request(message, "repetition_penalty")
     top_k = request.top_k if request.top_k is not None else 0
     if top_k < -1:
         raise bad_request(f"top_k must be -1 (off), 0 (off) or positive, got {top_k}", "top_k")

@@ -16,6 +16,11 @@ from engine.server.protocol import ErrorBody
 
 # --- requests ---------------------------------------------------------------------------
 
+# The sampler divides positive logits by the penalty: near 0 they overflow float32 and the
+# logprobs turn NaN (null in JSON, and a frame the gateway cannot decode). 0.01 already
+# multiplies a logit by 100, far past any useful setting. Checked in openai_inputs.py.
+MIN_REPETITION_PENALTY = 0.01
+
 
 class StreamOptions(Struct, kw_only=True):
     include_usage: bool = False

@@ -25,6 +25,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 
 from engine.sampling_params import MAX_N, MAX_TOP_LOGPROBS
 from engine.server.openai_types import (
+    MIN_REPETITION_PENALTY,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -42,6 +43,9 @@ _SSE = "text/event-stream"
 _NDJSON = "application/x-ndjson"
 _MSGPACK_STREAM = "application/vnd.msgpack"
 _PROMETHEUS = "text/plain"
+# One server-sent event (OpenAPI 3.1 has `schema` describe each): its data is a JSON chunk,
+# an error body, or "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +81,7 @@ _BOUNDS: dict[str, dict[str, float]] = {
     "top_p": {"exclusiveMinimum": 0, "maximum": 1},
     "top_k": {"minimum": -1},
     "min_p": {"minimum": 0, "maximum": 1},
-    "repetition_penalty": {"exclusiveMinimum": 0, "maximum": 100},
+    "repetition_penalty": {"minimum": MIN_REPETITION_PENALTY, "maximum": 100},
     "presence_penalty": {"minimum": -2, "maximum": 2},
     "frequency_penalty": {"minimum": -2, "maximum": 2},
     "logprobs": {"minimum": 0, "maximum": MAX_TOP_LOGPROBS},
@@ -155,7 +159,7 @@ def documented(
             if doc.answer is not None:
                 content[_JSON] = {"schema": ref_of[doc.answer]}
             for media_type in doc.other_media:
-                content[media_type] = {"schema": {"type": "string"}}
+                content[media_type] = {"schema": _SSE_EVENT if media_type == _SSE else {"type": "string"}}
             if content:
                 responses["200"] = {"description": "OK", "content": content}
     return schema

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import pytest
 
-from bench.fuzz_api import OperationResult, Server, final_checks, fuzz_server, restore_gateway
+from bench.fuzz_api import (
+    SCHEMA_PATH,
+    OperationResult,
+    Server,
+    final_checks,
+    fuzz_server,
+    restore_gateway,
+)
 
 pytestmark = pytest.mark.slow
 
-CASES = 25
+CASES = 20
 
 
 def _problems(results: list[OperationResult]) -> list[str]:
@@ -41,3 +48,23 @@ def test_schemathesis_replica_then_gateway(fuzz_servers: tuple[Server, Server]) 
     assert all(r.cases >= CASES for r in results), [(r.operation, r.cases) for r in results]
     after = final_checks(replica, gateway)
     assert after["ok"], after
+
+
+def test_replica_schema_describes_the_request_bodies(fuzz_servers: tuple[Server, Server]) -> None:
+    replica, _ = fuzz_servers
+    schema = replica.get_json(SCHEMA_PATH)
+    bodies = {
+        path: methods["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        for path, methods in schema["paths"].items()
+        if "post" in methods
+    }
+    assert bodies == {
+        "/v1/chat/completions": "#/components/schemas/ChatCompletionRequest",
+        "/v1/completions": "#/components/schemas/CompletionRequest",
+        "/internal/generate": "#/components/schemas/GenerateRequest",
+    }
+    chat = schema["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat["required"] == ["messages"]
+    assert {"type": "integer", "minimum": 1, "maximum": 128} in chat["properties"]["n"]["anyOf"]
+    error = schema["paths"]["/v1/completions"]["post"]["responses"]["4XX"]["content"]["application/json"]
+    assert error["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
