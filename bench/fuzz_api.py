@@ -169,7 +169,8 @@ def pin_served(raw: dict[str, Any], server: Server, vocab_size: int) -> dict[str
     positive case would be a 404 or a "token id outside the vocabulary" 400."""
     names = [card["id"] for card in server.get_json("/v1/models")["data"]]
     schemas = raw.get("components", {}).get("schemas", {})
-    _limit_token_ids(schemas, vocab_size - 1)
+    for name in ("CompletionRequest", "GenerateRequest", "ChatCompletionRequest"):
+        _limit_token_ids(schemas.get(name), vocab_size - 1)  # not answers: block hashes are ints too
     for name in ("ChatCompletionRequest", "CompletionRequest"):
         if name in schemas:
             schemas[name]["properties"]["model"] = {"anyOf": [{"enum": names}, {"type": "null"}]}
@@ -275,7 +276,8 @@ def _send(operation: Any, case: Any, server: Server, result: OperationResult) ->
     except (Exception, BaseExceptionGroup) as exc:  # schemathesis' FailureGroup is a BaseExceptionGroup
         names = _failure_names(exc)
         result.check_failures.update(names)
-        _remember(result, case, server, f"{response.status_code} {names}: {response.text[:300]}")
+        why = str(exc)[:600]
+        _remember(result, case, server, f"{response.status_code} {names}: {why}\n{response.text[:300]}")
 
 
 def _remember(result: OperationResult, case: Any, server: Server, what: str) -> None:
