@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -51,6 +52,26 @@ _FOREIGN_BLOCK_SIZE = 16
 
 class _StreamBroken(Exception):
     pass
+
+
+async def ndjson_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytearray]:
+    """The non-empty lines of a stream of chunks, however long a line is. aiohttp's own line
+    reader refuses lines over 128 KiB, and a snapshot of a big cache is one line of megabytes
+    (54,000 blocks on an H200: ~1 MB), so a gateway started after the cache filled never synced."""
+    pending = bytearray()
+    async for chunk in chunks:
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            pending += chunk
+            continue
+        pending += chunk[:end]
+        lines = pending.split(b"\n")
+        pending = bytearray(chunk[end + 1 :])
+        for line in lines:
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending
 
 
 class Registry:
@@ -207,9 +228,8 @@ class Registry:
                 raise _StreamBroken(f"/kv/events answered {response.status}")
             self._streams[replica.url] = response
             try:
-                async for line in response.content:
-                    if line.strip():
-                        self._apply(replica, index, _kv_decoder.decode(line))
+                async for line in ndjson_lines(response.content.iter_any()):
+                    self._apply(replica, index, _kv_decoder.decode(line))
             finally:
                 self._streams.pop(replica.url, None)
 

@@ -69,3 +69,26 @@ def test_cli_gateway_rejects_unknown_policy(capsys: pytest.CaptureFixture[str]) 
     assert main(["gateway", "--policy", "nope", "--replica", "http://127.0.0.1:1"]) == 2
     assert "unknown routing policy" in capsys.readouterr().err
     assert main(["serve", "--replicas", "0"]) == 2
+
+
+def test_kv_event_lines_of_any_length_are_read_whole() -> None:
+    """A snapshot of a big cache is one line of megabytes (aiohttp's reader stops at 128 KiB)."""
+    import asyncio
+    import random
+
+    from gateway.registry import ndjson_lines
+
+    rng = random.Random(0)
+    lines = [b"x" * 3_000_000, b"", b'{"a": 1}', b"y" * 70_000, b"z"]
+    data = b"\n".join(lines) + b"\n" + b"tail-without-newline"
+    cuts = sorted(rng.sample(range(1, len(data)), 200))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+    async def collect() -> list[bytes]:
+        async def source():
+            for chunk in chunks:
+                yield chunk
+
+        return [bytes(line) async for line in ndjson_lines(source())]
+
+    assert asyncio.run(collect()) == [lines[0], lines[2], lines[3], lines[4], b"tail-without-newline"]
