@@ -92,6 +92,11 @@ def run_gateway(config: GatewayConfig, banner: str | None = None) -> None:
         loop="uvloop",
         http=_HttpProtocol,
         proxy_headers=False,
+        # Clients pool connections and reuse them after idle gaps (an agent waiting on a tool).
+        # A server closing an idle connection races a request sent on it: the client sees
+        # "server disconnected" (once in 641 agent requests at uvicorn's default of 5 s).
+        # Outlasting common client and load-balancer idle limits (60 s) makes the race rare.
+        timeout_keep_alive=65,
     )
     if banner:
         print(banner, file=sys.stderr, flush=True)
