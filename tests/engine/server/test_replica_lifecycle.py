@@ -103,6 +103,38 @@ def test_full_queue_gets_429_with_retry_after(tiny_replica) -> None:
     assert generate(tiny_replica.url, body | {"max_tokens": 2})[-1]["finish_reason"] == "length"
 
 
+def test_ten_times_the_queue_bound_at_once(tiny_replica) -> None:
+    """20 requests at once against a bound of 2 (one running, one waiting): the excess get 429
+    with Retry-After, every admitted one finishes, and no block is left behind."""
+    import asyncio
+
+    body = {"token_ids": [5, 6, 7], "max_tokens": 300, "ignore_eos": True}
+
+    async def run() -> list[tuple[int, str | None, str]]:
+        async with httpx.AsyncClient(base_url=tiny_replica.url, timeout=60) as http:
+
+            async def one() -> tuple[int, str | None, str]:
+                response = await http.post("/internal/generate", json=body)
+                return response.status_code, response.headers.get("retry-after"), response.text
+
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    results = asyncio.run(run())
+    admitted = [text for status, _, text in results if status == 200]
+    refused = [(after, text) for status, after, text in results if status == 429]
+    assert len(admitted) + len(refused) == 20, [status for status, _, _ in results]
+    assert len(admitted) >= 2 and len(refused) >= 10
+    for text in admitted:
+        frames = [json.loads(line) for line in text.splitlines()]
+        assert frames[-1]["finish_reason"] == "length"
+        assert sum(len(f["token_ids"]) for f in frames) == 300
+    for after, text in refused:
+        assert after == "1" and json.loads(text)["error"]["code"] == "queue_full"
+    state = tiny_replica.wait_idle()
+    assert state["load"]["used_blocks"] == 0 and state["integrity_error"] is None
+    assert tiny_replica.get("/health")["status"] == "ready"
+
+
 def test_sigterm_drains_running_requests(tiny_replica) -> None:
     """Last in this module: it stops the module's replica."""
     body = {"token_ids": [5, 6, 7], "max_tokens": 600, "ignore_eos": True}  # about a second
