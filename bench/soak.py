@@ -259,6 +259,7 @@ class Soak:
                     "cache": len(cached),
                 },
             )
+            self.check(f"{replica.name}: /kv/events stream never broke", not mirror.breaks, mirror.breaks[:5])
             self.check(
                 f"{replica.name}: blocks were evicted",
                 mirror.removed > 0,
@@ -359,7 +360,12 @@ class Soak:
             "kinds": kinds,
             "statuses": dict(sorted(Counter(o.status for o in self.outcomes).items())),
             "kv_events": {
-                m.url: {"stored": m.stored, "removed": m.removed, "snapshots": m.snapshots}
+                m.url: {
+                    "stored": m.stored,
+                    "removed": m.removed,
+                    "snapshots": m.snapshots,
+                    "breaks": m.breaks[:20],
+                }
                 for m in self.mirrors
             },
             "rss": self.rss,

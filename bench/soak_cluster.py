@@ -23,7 +23,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from engine.server.protocol import KVStreamMessage, apply_kv_message
+from engine.server.protocol import BlockRemoved, BlockStored, CacheSnapshot, KVStreamMessage, apply_kv_message
+from gateway.registry import ndjson_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,24 +182,35 @@ class KVMirror:
         self.stored = 0
         self.removed = 0
         self.snapshots = 0
+        self.breaks: list[str] = []  # why the stream broke, each time it did
         self.changed = asyncio.Event()
         self._decoder = msgspec.json.Decoder(KVStreamMessage)  # type: ignore[var-annotated]
 
     async def follow(self, session: aiohttp.ClientSession) -> None:
+        """Follow the stream; when it ends or breaks, reconnect and start from a new snapshot,
+        as the gateway does (each reconnect is counted, and why it broke is kept)."""
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-        async with session.get(self.url + "/kv/events", timeout=timeout) as response:
-            response.raise_for_status()
-            async for line in response.content:
-                if not line.strip():
-                    continue
-                message = self._decoder.decode(line)
-                apply_kv_message(self.hashes, message)
-                kind = type(message).__name__
-                self.stored += len(message.block_hashes) if kind == "BlockStored" else 0  # type: ignore[union-attr]
-                self.removed += len(message.block_hashes) if kind == "BlockRemoved" else 0  # type: ignore[union-attr]
-                self.snapshots += kind == "CacheSnapshot"
-                self.last_seq = message.seq
-                self.changed.set()
+        while True:
+            try:
+                async with session.get(self.url + "/kv/events", timeout=timeout) as response:
+                    response.raise_for_status()
+                    async for line in ndjson_lines(response.content.iter_any()):
+                        self._apply(self._decoder.decode(line))
+                self.breaks.append("the stream ended")
+            except (aiohttp.ClientError, msgspec.DecodeError, ValueError) as err:
+                self.breaks.append(f"{type(err).__name__}: {err}"[:200])
+            await asyncio.sleep(0.2)
+
+    def _apply(self, message: KVStreamMessage) -> None:
+        apply_kv_message(self.hashes, message)
+        if isinstance(message, BlockStored):
+            self.stored += len(message.block_hashes)
+        elif isinstance(message, BlockRemoved):
+            self.removed += len(message.block_hashes)
+        elif isinstance(message, CacheSnapshot):
+            self.snapshots += 1
+        self.last_seq = message.seq
+        self.changed.set()
 
     async def wait_for(self, seq: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
