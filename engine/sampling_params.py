@@ -76,8 +76,9 @@ class SamplingParams:
             return f"top_p must be in (0, 1], got {self.top_p}"
         if not 0.0 <= self.min_p <= 1.0:
             return f"min_p must be in [0, 1], got {self.min_p}"
-        if not 0.0 < self.repetition_penalty <= 100.0:
-            return f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
+        # Below 0.01 the division overflows the logits into inf/NaN (found by fuzzing the API).
+        if not 0.01 <= self.repetition_penalty <= 100.0:
+            return f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"
         if not -2.0 <= self.presence_penalty <= 2.0:
             return f"presence_penalty must be between -2 and 2, got {self.presence_penalty}"
         if not -2.0 <= self.frequency_penalty <= 2.0:

@@ -43,7 +43,8 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
 @get("/metrics")
 async def metrics(request: Request[Any, Any, Any]) -> Response[Any]:
     body, content_type = registry_of(request).metrics.render()
-    return Response(body, media_type=content_type)
+    # prometheus_client's type names its charset; Litestar would append a second one.
+    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
 
 
 @get("/admin/replicas", guards=[admin_guard])

@@ -16,6 +16,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 
+from engine.server.openapi import OPENAI_OPERATIONS, Documented, openapi_config
 from gateway import admin_routes, hot_path, openai_api
 from gateway.admission import Admission
 from gateway.auth import TENANT_SCOPE_KEY, Refusal, Tenant, load_access, route_path
@@ -24,6 +25,9 @@ from gateway.errors import EXCEPTION_HANDLERS, ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.registry import Registry
 from gateway.replica_http import close_connections
+
+# The bodies handlers read raw, described for GET /schema/openapi.json (and schemathesis).
+_OPERATIONS = {**OPENAI_OPERATIONS, ("/admin/replicas", "post"): Documented(admin_routes.AddReplica)}
 
 _REFUSAL_REASONS = {401: "unauthorized", 403: "forbidden", 413: "body_too_large", 429: "overloaded"}
 
@@ -52,7 +56,7 @@ class GatewayApp:
             on_shutdown=[self.registry.stop, close_connections],
             exception_handlers=EXCEPTION_HANDLERS,
             state=State({"registry": self.registry, "access": self.access}),
-            openapi_config=None,
+            openapi_config=openapi_config("prefixgate gateway", _OPERATIONS),
             logging_config=None,
             debug=False,
             request_max_body_size=config.max_body_bytes,

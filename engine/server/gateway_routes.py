@@ -112,7 +112,7 @@ async def _generate_frames(submission: Any, index: dict[str, int], as_msgpack: b
             )
             yield _frame_bytes(frame, as_msgpack)
     except ApiError as err:
-        yield _frame_bytes(ErrorFrame(err.body()), as_msgpack)
+        yield _frame_bytes(ErrorFrame(error=err.body()), as_msgpack)
     finally:
         submission.close()
 

@@ -46,7 +46,8 @@ async def load(request: Request[Any, Any, Any]) -> Response[Any]:
 @get("/metrics")
 async def metrics(request: Request[Any, Any, Any]) -> Response[Any]:
     body, content_type = replica_of(request).metrics.render()
-    return Response(body, media_type=content_type)
+    # prometheus_client's type names its charset; Litestar would append a second one.
+    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
 
 
 @get("/debug/cache")

@@ -178,11 +178,6 @@ def test_raw_bytes_on_the_gateway(fuzz_servers: tuple[Server, Server]) -> None:
     assert gateway.alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/server/gateway_routes.py builds ErrorFrame(err.body()) but ErrorFrame is kw_only: "
-    "the stream breaks (TypeError) instead of sending the error frame; fix: ErrorFrame(error=err.body())",
-)
 @pytest.mark.parametrize("grammar", BAD_GRAMMARS, ids=["lark", "json_schema"])
 def test_bad_grammar_ends_the_stream_with_an_error_frame(
     fuzz_servers: tuple[Server, Server], grammar: dict[str, str]
