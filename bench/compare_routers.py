@@ -236,6 +236,12 @@ def summarize(
         (a["busy_s"] - b["busy_s"]) / max(a["simulated_s"] - b["simulated_s"], 1e-9)
         for a, b in zip(after, before, strict=True)
     ]
+    replica_ttft = [
+        t * 1e3
+        for a, b in zip(after, before, strict=True)
+        for t in a.get("replica_ttfts_s", [])[len(b.get("replica_ttfts_s", [])) :]
+    ]
+    lag_wall_s = sum(a["lag_s"] - b["lag_s"] for a, b in zip(after, before, strict=True))
     return {
         "trace": trace_name,
         "router": router,
@@ -258,7 +264,12 @@ def summarize(
         "wall_s": wall_s,
         "replica_busy_fraction": busy,
         "replica_prompt_tokens": admitted,
-        "sim_lag_s": sum(a["lag_s"] - b["lag_s"] for a, b in zip(after, before, strict=True)) / scale,
+        # TTFT at the replicas (arrival there to first token): routing quality without the
+        # router's own CPU time, the network and the client.
+        "replica_ttft_ms": {"p50": _pct(replica_ttft, 50), "p90": _pct(replica_ttft, 90)},
+        "sim_lag_s": lag_wall_s / scale,
+        # Share of the replicas' time their steps ran late: how far simulated time stretched.
+        "sim_stretch": lag_wall_s / (len(after) * wall_s) if wall_s else 0.0,
         "sim_preemptions": sum(
             a["preemptions"] - b["preemptions"] for a, b in zip(after, before, strict=True)
         ),
@@ -299,18 +310,21 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"sglang-router {meta['machine']['packages'].get('sglang-router', '?')}; {meta['date']}.",
         "",
         "| trace | router | requests ok | delivered hit | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
-        "| E2E p50 ms | req/s | output tok/s | replica busy (mean / max) | sim lag s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| at replicas p50 / p90 | E2E p50 ms | req/s | output tok/s | replica busy min / mean / max "
+        "| sim stretch |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for r in runs:
         busy = r["replica_busy_fraction"]
         t = r["ttft_ms"]
         lines.append(
             f"| {r['trace']} | {r['router']} | {r['completed']}/{r['requests']} "
-            f"| {r['delivered_hit_rate']:.3f} "
-            f"| {t['p50']:.0f} | {t['p90']:.0f} | {t['p99']:.0f} | {r['e2e_ms']['p50']:.0f} "
+            f"| {r['delivered_hit_rate']:.4f} "
+            f"| {t['p50']:.0f} | {t['p90']:.0f} | {t['p99']:.0f} "
+            f"| {r['replica_ttft_ms']['p50']:.0f} / {r['replica_ttft_ms']['p90']:.0f} "
+            f"| {r['e2e_ms']['p50']:.0f} "
             f"| {r['requests_per_s']:.1f} | {r['output_tokens_per_s']:,.0f} "
-            f"| {np.mean(busy):.2f} / {max(busy):.2f} | {r['sim_lag_s']:.2f} |"
+            f"| {min(busy):.2f} / {np.mean(busy):.2f} / {max(busy):.2f} | {r['sim_stretch']:.1%} |"
         )
     lines.append("")
     for name, spec in meta["traces"].items():

@@ -87,6 +87,9 @@ class SimEngine:
         self._t0 = self._loop.time()
         self.lag_s = 0.0
         self.late_steps = 0
+        # Simulated seconds from a request's arrival here to its first token: TTFT without
+        # what a router, the network and the client add.
+        self.replica_ttfts_s: list[float] = []
         self._task = asyncio.ensure_future(self._run())
         self._task.add_done_callback(_report_crash)
 
@@ -180,6 +183,8 @@ class SimEngine:
         output = Output([int(t) for t in live.answer[live.sent : sim.generated]])
         live.sent = sim.generated
         if first:
+            assert sim.first_token_s is not None
+            self.replica_ttfts_s.append(sim.first_token_s - sim.arrival_s)
             output.prompt_tokens = sim.prompt_len
             output.cached_tokens = max(sim.num_cached_tokens, 0)
         if finished:
@@ -239,7 +244,7 @@ class SimEngine:
             ),
         )
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | list[float]]:
         replica = self.replica
         return {
             "simulated_s": self.now(),
@@ -250,6 +255,7 @@ class SimEngine:
             "prompt_tokens_admitted": replica.prompt_tokens_admitted,
             "cached_tokens_admitted": replica.cached_tokens_admitted,
             "preemptions": replica.num_preemptions,
+            "replica_ttfts_s": self.replica_ttfts_s,
         }
 
     async def close(self) -> None:

@@ -92,7 +92,9 @@ class Replay:
         url = base_url + "/v1/chat/completions"
         finished: dict[str, asyncio.Event] = {r.request_id: asyncio.Event() for r in self.trace.requests}
         outcomes: list[Outcome] = []
-        connector = aiohttp.TCPConnector(limit=0)
+        # Idle connections are dropped well before a server's keep-alive timeout (uvicorn: 5 s),
+        # so a request never goes out on a connection the server is closing at that moment.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=1.0)
         timeout = aiohttp.ClientTimeout(total=3600)
         started = time.perf_counter()
 
