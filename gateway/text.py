@@ -9,6 +9,9 @@ Encoding is the costliest step a request pays here (~5 us per token on a small C
 rendered chat splits at its special tokens (<|im_start|> ...) into pieces that `tokenizers`
 encodes one by one anyway, so each piece's ids are cached: a system prompt, tool list or
 conversation history sent again costs a dict look-up, and the ids are exactly the same.
+The ids are held as 4-byte arrays (a tuple of ints costs 36 bytes a token) and the cache is
+bounded by the text it holds: the 10,000-request soak saw the gateway's RSS grow 6.4% with
+tuples and an 8 MiB bound, which is this cache filling, not a leak.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import datetime
 import functools
 import json
 import re
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +34,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.server.openai_types import PromptError
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
-_CACHE_CHARS = 8 << 20  # text held by the piece cache, in characters
+_CACHE_CHARS = 1 << 20  # text held by the piece cache, in characters (~250k tokens)
 _CACHE_PIECE_CHARS = 256 << 10  # longer pieces are encoded every time
 
 
@@ -58,7 +62,7 @@ class GatewayTokenizer:
         self.tokenizer = Tokenizer.from_file(str(path))
         self._added: dict[str, int] = {}
         self._pieces = self._piece_splitter()
-        self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._cache_chars = 0
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -91,12 +95,12 @@ class GatewayTokenizer:
                 ids.extend(self._encode_piece(piece))
         return ids
 
-    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+    def _encode_piece(self, piece: str) -> array[int]:
         cached = self._cache.get(piece)
         if cached is not None:
             self._cache.move_to_end(piece)
             return cached
-        ids = tuple(self.tokenizer.encode(piece, add_special_tokens=False).ids)
+        ids = array("I", self.tokenizer.encode(piece, add_special_tokens=False).ids)
         if len(piece) <= _CACHE_PIECE_CHARS:
             self._cache[piece] = ids
             self._cache_chars += len(piece)

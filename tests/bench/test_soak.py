@@ -18,9 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_soak_leaves_every_replica_consistent(smollm2_dir: Path, tmp_path: Path) -> None:
-    # 96 blocks of 16 tokens per replica: 80 requests are enough to evict.
+    # 64 blocks of 16 tokens per replica: 80 requests evict on both (96 was too close: in one
+    # CI run the replica given fewer requests stored 86 blocks and evicted none).
     config = SoakConfig(
-        requests=80, concurrency=8, num_blocks=96, max_rss_growth=None, log_dir=str(tmp_path / "logs")
+        requests=80, concurrency=8, num_blocks=64, max_rss_growth=None, log_dir=str(tmp_path / "logs")
     )
     report = asyncio.run(Soak(config).run())
     print_summary(report)
