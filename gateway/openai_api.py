@@ -3,7 +3,8 @@
 The gateway applies the chat template and tokenizes once, forwards token ids to the chosen
 replica's /internal/generate, and detokenizes the frames (stop strings honoured here). The
 request and response shapes are the replica's own (engine/server/openai_types.py), so an
-OpenAI client cannot tell the two apart, except for the x-prefixgate-replica header.
+OpenAI client cannot tell the two apart, except for the x-prefixgate-replica header (sent only
+when the gateway has no API keys).
 """
 
 from __future__ import annotations
@@ -147,8 +148,14 @@ class _Shaper:
         return CompletionLogprobs(tokens, values, tops, offsets)
 
 
-def _headers(generation: ProxiedGeneration, extra: dict[str, str] | None = None) -> dict[str, str]:
+def _headers(
+    request: Request[Any, Any, Any], generation: ProxiedGeneration, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The replica that answered, for operators and tests, only on a gateway without API keys:
+    a gateway that tells tenants apart is public, and a replica's address is internal."""
     assert generation.replica is not None
+    if request.scope.get(TENANT_SCOPE_KEY, OPEN) is not OPEN:
+        return extra or {}
     return {"x-prefixgate-replica": generation.replica.url, **(extra or {})}
 
 
@@ -207,7 +214,8 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         stream = _chat_stream(shaper, logprobs is not None, include_usage, plan)
-        return Stream(stream, media_type="text/event-stream", headers=_headers(generation, _SSE_HEADERS))
+        headers = _headers(request, generation, _SSE_HEADERS)
+        return Stream(stream, media_type="text/event-stream", headers=headers)
     await _run_unless_disconnected(request, generation)
     choices = []
     for i, s in enumerate(generation.samples):
@@ -221,7 +229,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     completion = ChatCompletion(
         id=shaper.id, created=shaper.created, model=shaper.model, choices=choices, usage=shaper.usage()
     )
-    return _json(completion, _headers(generation))
+    return _json(completion, _headers(request, generation))
 
 
 async def _chat_stream(
@@ -289,7 +297,8 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         stream = _completion_stream(shaper, logprobs, include_usage)
-        return Stream(stream, media_type="text/event-stream", headers=_headers(generation, _SSE_HEADERS))
+        headers = _headers(request, generation, _SSE_HEADERS)
+        return Stream(stream, media_type="text/event-stream", headers=headers)
     await _run_unless_disconnected(request, generation)
     choices = [
         CompletionChoice(
@@ -300,7 +309,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
     completion = Completion(
         id=shaper.id, created=shaper.created, model=shaper.model, choices=choices, usage=shaper.usage()
     )
-    return _json(completion, _headers(generation))
+    return _json(completion, _headers(request, generation))
 
 
 async def _completion_stream(shaper: _Shaper, logprobs: bool, include_usage: bool) -> AsyncIterator[bytes]:

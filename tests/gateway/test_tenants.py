@@ -94,6 +94,19 @@ def test_a_tenant_hits_its_own_prefix_and_never_another_tenants(gateway: Any) ->
     assert cached_tokens(gateway, KEY_B, prompt) > 0  # and its own repeat hits again
 
 
+def test_answers_to_tenants_do_not_name_the_replica(gateway: Any) -> None:
+    chat = {"model": "default", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    for stream in (False, True):
+        with httpx.stream(
+            "POST", gateway.url + "/v1/chat/completions", json={**chat, "stream": stream}, headers=headers
+        ) as response:
+            body = response.read().decode()
+            assert response.status_code == 200, body
+            assert "x-prefixgate-replica" not in response.headers
+            assert "127.0.0.1" not in str(response.headers) and "127.0.0.1" not in body
+
+
 def test_a_client_cache_salt_narrows_sharing_and_cannot_reach_another_tenant(gateway: Any) -> None:
     prompt_b = long_prompt(2)
     assert cached_tokens(gateway, KEY_B, prompt_b) == 0
