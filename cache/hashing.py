@@ -115,10 +115,15 @@ class BlockHasher:
         # dominate the cost for long prompts.
         data = _token_bytes(token_ids[start * size : num_full * size])
         width = size * 4
-        parent = out[-1] if out else 0
-        for offset in range(0, len(data), width):
-            extra = first_block_extra(self.model_id, cache_salt) if not out else b""
-            payload = _parent_bytes(parent) + data[offset : offset + width] + extra
+        if out:
+            _parent_bytes(out[-1])  # checks a caller's hash once; the loop's own fit in u64
+            first, parent = 0, out[-1]
+        else:  # block 0: parent 0 and the model / salt bytes
+            payload = _parent_bytes(0) + data[:width] + first_block_extra(self.model_id, cache_salt)
+            first, parent = width, xxhash.xxh3_64_intdigest(payload, seed=BLOCK_HASH_SEED)
+            out.append(parent)
+        for offset in range(first, len(data), width):
+            payload = parent.to_bytes(8, "little") + data[offset : offset + width]
             parent = xxhash.xxh3_64_intdigest(payload, seed=BLOCK_HASH_SEED)
             out.append(parent)
         return out

@@ -262,6 +262,8 @@ class RadixCache:
         """How many leading blocks of `node` equal block_hashes[start:]; at least 1 because the
         caller found `node` by its first hash."""
         limit = min(len(node.block_hashes), len(block_hashes) - start)
+        if node.block_hashes[:limit] == block_hashes[start : start + limit]:
+            return limit  # the usual case, compared in C: a long cached prefix matches whole
         k = 1
         while k < limit and node.block_hashes[k] == block_hashes[start + k]:
             k += 1

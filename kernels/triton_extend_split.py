@@ -21,7 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import LOG2E, check_attention_shapes, dot_precision, next_power_of_two, num_sms
+from kernels.triton_common import (
+    LOG2E,
+    check_attention_shapes,
+    dot_precision,
+    next_power_of_two,
+    num_sms,
+    shared_memory_per_program,
+)
 from kernels.triton_extend import _attend, _find_sequence, extend_attention_triton, extend_tiles
 
 # Fewest keys a split takes: below this the partial's store and reduce cost more than the
@@ -32,9 +39,35 @@ MAX_SPLITS = 64
 PROGRAMS_PER_SM = 2
 # Partial values (heads x splits x head_dim) one reduce program combines.
 REDUCE_ELEMENTS = 8192
-# Rows of a split program's tile (at most; extend_tiles may choose fewer). 64 rows fit two
-# programs per SM and beat 128 rows by 10-14 % on an H200 (kernels/NOTES.md, v4).
+# Rows of a split program's tile (at most; extend_tiles may choose fewer) where the wide
+# launch below does not fit: 64 rows fit two programs per SM and beat 128-row tiles of 64 keys
+# and 2 stages by 10-14 % on an H200 (kernels/NOTES.md, v4).
 SPLIT_BLOCK_M: int | None = 64
+# The wide launch: 128-row tiles (extend_tiles' choice for chunks of 64+ tokens), 128-key tiles,
+# 3 stages, 8 warps: 62 us against 70 us for the 64-row tiles on 128 new tokens over 8K cached
+# (H200, Llama-3-8B heads; kernels/NOTES.md, v5). 16-bit, head_dim <= 128 only, and only where
+# a program may claim the shared memory of 3 stages of K and V plus Q (~224 KiB: Hopper's).
+WIDE_SPLIT = {"block_n": 128, "num_stages": 3, "num_warps": 8}
+WIDE_SPLIT_SHARED_BYTES = (3 * 2 * 128 + 128) * 128 * 2
+
+
+def split_launch(
+    group: int, head_dim: int, dtype: torch.dtype, max_query_len: int, device: torch.device
+) -> tuple[tuple[int, int, int, int, int], int]:
+    """The split kernel's default (GROUP_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, num_warps) and stages."""
+    tiles = extend_tiles(group, head_dim, dtype, max_query_len)
+    group_pad, block_q, block_m, _, _ = tiles
+    wide = (
+        block_m == 128
+        and head_dim <= 128
+        and dtype != torch.float32
+        and shared_memory_per_program(device) >= WIDE_SPLIT_SHARED_BYTES
+    )
+    if wide:
+        return (group_pad, block_q, block_m, WIDE_SPLIT["block_n"], WIDE_SPLIT["num_warps"]), WIDE_SPLIT[
+            "num_stages"
+        ]
+    return split_tiles(group, head_dim, dtype, max_query_len, SPLIT_BLOCK_M), 2
 
 
 @triton.jit
@@ -288,17 +321,26 @@ def extend_attention(
     max_seq_len: int = 0,
     num_splits: int | None = None,
     block_m: int | None = None,
+    block_n: int | None = None,
+    num_stages: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """extend_attention_triton's contract, with the key range split across programs when the
     q-tiles are too few to fill the GPU. max_seq_len (the host's copy, 0 if unknown: no split)
-    and max_query_len size the launch. num_splits forces a split count and block_m a narrower
-    split tile (tests, benchmarks)."""
+    and max_query_len size the launch. num_splits forces a split count, block_m a narrower
+    split tile, block_n / num_stages / num_warps the split kernel's key tile and pipeline
+    (tests, benchmarks: `python -m kernels.bench_attention --tune`)."""
     num_heads, num_kv_heads, head_dim, block_size = check_attention_shapes(query, kv_cache)
     num_tokens = query.shape[0]
     group = num_heads // num_kv_heads
-    group_pad, block_q, block_m, block_n, num_warps = split_tiles(
-        group, head_dim, query.dtype, max_query_len, block_m or SPLIT_BLOCK_M
-    )
+    if block_m is None:
+        tiles, stages = split_launch(group, head_dim, query.dtype, max_query_len, query.device)
+    else:
+        tiles, stages = split_tiles(group, head_dim, query.dtype, max_query_len, block_m), 2
+    group_pad, block_q, block_m, tile_n, tile_warps = tiles
+    block_n = block_n or tile_n
+    num_warps = num_warps or tile_warps
+    num_stages = num_stages or stages
     if num_splits is None:
         _, unsplit_q, unsplit_m, _, _ = extend_tiles(group, head_dim, query.dtype, max_query_len)
         splits = choose_extend_splits(
@@ -352,7 +394,7 @@ def extend_attention(
         MIN_KEYS=MIN_SPLIT_KEYS,
         PRECISION=dot_precision(query.dtype),
         num_warps=num_warps,
-        num_stages=2,
+        num_stages=num_stages,
     )
     # About REDUCE_ELEMENTS partial values per program: many heads when splits are few.
     splits_pad = max(2, next_power_of_two(splits))
