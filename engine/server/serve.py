@@ -41,6 +41,9 @@ def run(config: ServerConfig) -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=config.drain_timeout_s,
+        # As on the gateway (gateway/serve.py): uvicorn's 5 s default closes idle connections
+        # that clients then reuse; the 10,000-request soak saw one direct request reset so.
+        timeout_keep_alive=65,
     )
     try:
         _DrainingServer(uvicorn_config, app).run()
