@@ -10,8 +10,10 @@ rendered chat splits at its special tokens (<|im_start|> ...) into pieces that `
 encodes one by one anyway, so each piece's ids are cached: a system prompt, tool list or
 conversation history sent again costs a dict look-up, and the ids are exactly the same.
 The ids are held as 4-byte arrays (a tuple of ints costs 36 bytes a token) and the cache is
-bounded by the text it holds: the 10,000-request soak saw the gateway's RSS grow 6.4% with
-tuples and an 8 MiB bound, which is this cache filling, not a leak.
+bounded by what its entries cost in bytes: the text, the ids and ~200 bytes of dict entry and
+object headers each, so many short pieces (a new user message each request) are bounded as
+well as a few long ones. The first 10,000-request soak saw the gateway's RSS grow 6.4% with
+tuples and a bound of 8 MiB of text only: this cache filling, not a leak.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.server.openai_types import PromptError
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
-_CACHE_CHARS = 1 << 20  # text held by the piece cache, in characters (~250k tokens)
+_CACHE_BYTES = 2 << 20  # what the piece cache may hold: ~1 MiB of text and its ids
+_ENTRY_OVERHEAD = 200  # bytes an entry costs beyond its text and ids (dict slot, headers)
 _CACHE_PIECE_CHARS = 256 << 10  # longer pieces are encoded every time
+
+
+def _entry_bytes(piece: str, ids: array[int]) -> int:
+    return len(piece) + ids.itemsize * len(ids) + _ENTRY_OVERHEAD
 
 
 def _token_text(value: Any) -> str | None:
@@ -63,7 +70,7 @@ class GatewayTokenizer:
         self._added: dict[str, int] = {}
         self._pieces = self._piece_splitter()
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
-        self._cache_chars = 0
+        self._cache_bytes = 0
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.special = {name: _token_text(config.get(name)) or "" for name in _SPECIAL}
@@ -103,10 +110,10 @@ class GatewayTokenizer:
         ids = array("I", self.tokenizer.encode(piece, add_special_tokens=False).ids)
         if len(piece) <= _CACHE_PIECE_CHARS:
             self._cache[piece] = ids
-            self._cache_chars += len(piece)
-            while self._cache_chars > _CACHE_CHARS:
-                evicted, _ = self._cache.popitem(last=False)
-                self._cache_chars -= len(evicted)
+            self._cache_bytes += _entry_bytes(piece, ids)
+            while self._cache_bytes > _CACHE_BYTES:
+                evicted, evicted_ids = self._cache.popitem(last=False)
+                self._cache_bytes -= _entry_bytes(evicted, evicted_ids)
         return ids
 
     def _piece_splitter(self) -> re.Pattern[str] | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,36 @@ def test_importing_the_gateway_app_does_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_the_piece_cache_memory_is_bounded_for_many_short_pieces(smollm2_dir: Path) -> None:
+    """Each request's new user message is a short unique piece: a bound on text alone let the
+    soak's gateway grow ~380 bytes a request. Memory must stop growing once the cache is full,
+    and cached ids must equal fresh ones."""
+    tokenizer = GatewayTokenizer(smollm2_dir)
+    system = {"role": "system", "content": "You are a support agent. " * 20}
+
+    def chat(i: int) -> list[int]:
+        return tokenizer.apply_chat_template([system, {"role": "user", "content": f"ticket {i}: my order"}])
+
+    tracemalloc.start()
+    try:
+        for i in range(12_000):  # ~2.6 MiB of entries at ~220 bytes: the cache fills
+            chat(i)
+        gc.collect()
+        full = tracemalloc.get_traced_memory()[0]
+        for i in range(12_000, 24_000):
+            chat(i)
+        gc.collect()
+        later = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert later - full < 256 << 10, (full, later)
+    assert tokenizer._cache_bytes <= 2 << 20
+    assert chat(23_999) == GatewayTokenizer(smollm2_dir).apply_chat_template(
+        [system, {"role": "user", "content": "ticket 23999: my order"}]
+    )
 
 
 @pytest.mark.slow
