@@ -47,8 +47,8 @@ SPLIT_BLOCK_M: int | None = 64
 # 3 stages, 8 warps: 62 us against 70 us for the 64-row tiles on 128 new tokens over 8K cached
 # (H200, Llama-3-8B heads; kernels/NOTES.md, v5). 16-bit, head_dim <= 128 only, and only where
 # a program may claim the shared memory of 3 stages of K and V plus Q (~224 KiB: Hopper's).
-WIDE_SPLIT = {"block_n": 128, "num_stages": 3, "num_warps": 8}
-WIDE_SPLIT_SHARED_BYTES = (3 * 2 * 128 + 128) * 128 * 2
+WIDE_BLOCK_N, WIDE_STAGES, WIDE_WARPS = 128, 3, 8
+WIDE_SPLIT_SHARED_BYTES = (WIDE_STAGES * 2 * WIDE_BLOCK_N + 128) * 128 * 2  # bf16, 128 rows x d128
 
 
 def split_launch(
@@ -64,9 +64,7 @@ def split_launch(
         and shared_memory_per_program(device) >= WIDE_SPLIT_SHARED_BYTES
     )
     if wide:
-        return (group_pad, block_q, block_m, WIDE_SPLIT["block_n"], WIDE_SPLIT["num_warps"]), WIDE_SPLIT[
-            "num_stages"
-        ]
+        return (group_pad, block_q, block_m, WIDE_BLOCK_N, WIDE_WARPS), WIDE_STAGES
     return split_tiles(group, head_dim, dtype, max_query_len, SPLIT_BLOCK_M), 2
 
 
