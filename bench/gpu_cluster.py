@@ -98,6 +98,53 @@ class Server:
                 self.process.kill()
 
 
+# Histograms whose means split a TTFT into its layers (and the engine's step time): the
+# gateway's arrival -> first frame, the replica API's arrival -> first token, the engine
+# core's arrival -> first scheduling, and the model time of each engine step.
+HISTOGRAMS = {
+    "gateway_ttft": "prefixgate_gateway_time_to_first_token_seconds",
+    "replica_ttft": "prefixgate_time_to_first_token_seconds",
+    "engine_queue": "prefixgate_request_queue_time_seconds",
+    "engine_step": "prefixgate_engine_step_seconds",
+}
+
+
+def histogram_sums(servers: list[Server]) -> dict[str, tuple[float, float]]:
+    """name -> (sum of seconds, count) over the servers' /metrics, for HISTOGRAMS."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {metric: name for name, metric in HISTOGRAMS.items()}
+    totals = {name: (0.0, 0.0) for name in HISTOGRAMS}
+    for server in servers:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            name = wanted.get(family.name)
+            if name is None:
+                continue
+            total, count = totals[name]
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+            totals[name] = (total, count)
+    return totals
+
+
+def layer_means_ms(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    out = {}
+    for name in HISTOGRAMS:
+        total = after[name][0] - before[name][0]
+        count = after[name][1] - before[name][1]
+        out[f"{name}_mean_ms"] = total / count * 1e3 if count else 0.0
+        if name == "engine_step":
+            out["engine_steps"] = count
+    return out
+
+
 def model_folder(shape: str, tokenizer: Path, into: Path) -> Path:
     """config.json of `shape` with the tokenizer's vocabulary and special ids, plus its files."""
     from transformers import AutoTokenizer
@@ -167,11 +214,17 @@ def predict(trace: Trace, policy: str, replicas: int, num_blocks: int, card: str
         PreparedTrace(trace),
         SimulationConfig(num_replicas=replicas, policy=policy, replica=replica, latency=CARDS[card]),
     )
+    steps = sum(r.steps for r in summary.replicas)
+    busy_s = sum(r.busy_fraction for r in summary.replicas) * summary.duration_s
     return {
         "request_throughput": summary.request_throughput,
         "output_throughput": summary.output_throughput,
         "ttft_p50_ms": summary.ttft_ms.median,
         "ttft_p90_ms": summary.ttft_ms.p90,
+        "ttft_mean_ms": summary.ttft_ms.mean,
+        "tpot_p50_ms": summary.tpot_ms.median,
+        "engine_step_mean_ms": busy_s / steps * 1e3 if steps else 0.0,
+        "engine_steps": steps,
         "hit_rate": summary.delivered_hit_rate,
     }
 
@@ -185,6 +238,7 @@ def measured(result: Any) -> dict[str, float]:
         "output_throughput": m.output_throughput,
         "ttft_p50_ms": m.ttft_ms.median,
         "ttft_p90_ms": m.ttft_ms.p90,
+        "ttft_mean_ms": m.ttft_ms.mean,
         "tpot_p50_ms": m.tpot_ms.median,
         "hit_rate": result.cache.hit_rate,
     }
@@ -203,7 +257,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{got['ttft_p90_ms']:.0f} | {sim['ttft_p90_ms']:.0f} | {got['hit_rate']:.3f} | "
             f"{sim['hit_rate']:.3f} |"
         )
-    return head + "\n".join(lines) + "\n"
+    layers = [
+        "",
+        "Means, ms: TTFT at the client, the gateway (arrival to first frame), the replica API and",
+        "the engine core's queue; the engine's model time per step and its steps; TPOT p50.",
+        "",
+        "| workload | policy | client TTFT (pred.) | gateway | replica | engine queue "
+        "| step ms (pred.) | steps (pred.) | TPOT p50 (pred.) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        got, sim = row["measured"], row["predicted"]
+        if "engine_step_mean_ms" not in got:
+            continue  # a result file from before the layers were measured
+        layers.append(
+            f"| {row['workload']} | {row['policy']} | {got['ttft_mean_ms']:.1f} ({sim['ttft_mean_ms']:.1f}) "
+            f"| {got['gateway_ttft_mean_ms']:.1f} | {got['replica_ttft_mean_ms']:.1f} "
+            f"| {got['engine_queue_mean_ms']:.1f} "
+            f"| {got['engine_step_mean_ms']:.2f} ({sim['engine_step_mean_ms']:.2f}) "
+            f"| {got['engine_steps']:.0f} ({sim['engine_steps']}) "
+            f"| {got['tpot_p50_ms']:.1f} ({sim['tpot_p50_ms']:.1f}) |"
+        )
+    return head + "\n".join(lines) + "\n" + "\n".join(layers) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,14 +357,17 @@ def main(argv: list[str] | None = None) -> int:
                         keep_requests=False,
                         max_output_len=args.max_output_len,
                     )
+                    before = histogram_sums([gateway, *replicas])
                     started = time.perf_counter()
                     result = run_benchmark(trace, config)
+                    wall_s = time.perf_counter() - started
+                    layers = layer_means_ms(before, histogram_sums([gateway, *replicas]))
                     row = {
                         "workload": name,
                         "policy": policy,
                         "requests": len(trace.requests),
-                        "wall_s": time.perf_counter() - started,
-                        "measured": measured(result),
+                        "wall_s": wall_s,
+                        "measured": {**measured(result), **layers},
                         "predicted": predict(trace, policy, len(replicas), num_blocks, card),
                         "errors": result.errors[:5],
                     }

@@ -51,6 +51,6 @@ SHAPES: dict[str, tuple[type[PreTrainedConfig], dict[str, Any]]] = {
 }
 
 
-def hf_config(shape: str) -> PreTrainedConfig:
+def hf_config(shape: str, **overrides: Any) -> PreTrainedConfig:
     config_class, values = SHAPES[shape]
-    return config_class(**values)
+    return config_class(**{**values, **overrides})

