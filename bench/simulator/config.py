@@ -18,4 +18,7 @@ class ReplicaConfig:
     max_num_seqs: int = 256
     max_batched_tokens: int = 8192
     model_id: str = "sim/llama3-8b"
+    # engine/runner.py's SPLIT_MAX_DECODES (kept here so the command line needs no torch); 0
+    # models the engine before it split mixed steps into two graph replays.
+    split_max_decodes: int = 64
     max_segment_steps: int = 1 << 30  # for tests: 1 steps one at a time

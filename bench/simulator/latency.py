@@ -40,6 +40,9 @@ class LatencyModel:
       step leaves after base and tokens is its causal attention, 8,192^2 / 2 pairs.
     - seq_ms: fitted (bisection) so that the ShareGPT-like scenario's requests/s, replayed
       through a simulated replica, equals the measured one.
+    - eager_launch_ms: measured, not fitted: the median host time of eager forwards in
+      bench/profile_mixed.py (the offline scenarios are graph steps or GPU-bound batches, so
+      none of them shows it).
     The shared-prefix scenario (8 x 32 requests on 2,048-token prefixes) is the hold-out check.
     """
 
@@ -51,6 +54,9 @@ class LatencyModel:
     self_pair_ms: float
     kv_read_ms_per_token: float
     seq_ms: float
+    # Host time to launch one eager forward (~230 Triton launches, ~130 matmuls): a step the
+    # engine cannot replay from a CUDA graph takes at least this long (SimReplica._step_seconds).
+    eager_launch_ms: float = 0.0
     dedup_shared_kv: bool = True  # see SimReplica._distinct_kv_tokens
 
     def step_ms(
@@ -83,6 +89,7 @@ H100_80GB = LatencyModel(
     self_pair_ms=1.82051e-06,
     kv_read_ms_per_token=4.34607e-05,
     seq_ms=0.0733757,
+    eager_launch_ms=19.1,  # not measured on an H100's host: the H200 hosts' median
 )
 
 H200 = LatencyModel(
@@ -94,6 +101,9 @@ H200 = LatencyModel(
     self_pair_ms=1.16507e-06,
     kv_read_ms_per_token=3.06948e-05,
     seq_ms=0.0320778,
+    # Median of 60 eager forwards' launch times (quartiles 13.5-22.5 ms) over four H200 hosts,
+    # bench/results/profile-mixed*-NVIDIA_H200.txt.
+    eager_launch_ms=19.1,
 )
 
 CARDS: dict[str, LatencyModel] = {"h100": H100_80GB, "h200": H200}

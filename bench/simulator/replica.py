@@ -27,7 +27,11 @@ from cache.block_pool import BlockPool
 from cache.events import KVEventQueue
 from cache.hashing import BlockHasher
 from cache.radix_tree import RadixCache
+from engine.cuda_graphs import PREFILL_BUCKETS
 from engine.kv_manager import KVCacheManager
+
+# The engine's chunk graphs take a one-sequence chunk of fewer tokens than the largest bucket.
+GRAPH_CHUNK_TOKENS = PREFILL_BUCKETS[-1]
 
 
 @dataclass(eq=False, slots=True)
@@ -207,19 +211,39 @@ class SimReplica:
         return sum(self.kv.blocks_needed(r, steps) for r in chunks)
 
     def _step_seconds(self, chunks: dict[SimRequest, int], steps: int) -> float:
-        tokens = context_pairs = self_pairs = 0.0
+        """The step as the engine runs it (engine/runner.py): a CUDA graph for decodes alone or
+        for one short chunk alone; a decode graph then a chunk graph for decodes beside one
+        short chunk (up to split_max_decodes of them); otherwise the eager forward, which takes
+        at least its host launch time however little the GPU has to do."""
         decodes: list[SimRequest] = []
+        prompts: list[tuple[SimRequest, int]] = []
         for request, count in chunks.items():
-            tokens += count
             if count == 1 and request.num_remaining_tokens == 1:
                 decodes.append(request)
             else:
-                context_pairs += count * request.num_computed_tokens
-                self_pairs += count * count / 2
+                prompts.append((request, count))
+        graph_chunk = len(prompts) == 1 and prompts[0][1] < GRAPH_CHUNK_TOKENS
+        if not prompts or (graph_chunk and not decodes):
+            ms = self._model_ms(decodes, prompts, steps)
+        elif graph_chunk and len(decodes) <= self.config.split_max_decodes:
+            ms = self._model_ms(decodes, [], steps) + self._model_ms([], prompts, steps)
+        else:
+            ms = max(self._model_ms(decodes, prompts, steps), self.latency.eager_launch_ms)
+        return ms / 1000.0
+
+    def _model_ms(
+        self, decodes: list[SimRequest], prompts: list[tuple[SimRequest, int]], steps: int
+    ) -> float:
+        tokens = len(decodes)
+        context_pairs = self_pairs = 0.0
+        for request, count in prompts:
+            tokens += count
+            context_pairs += count * request.num_computed_tokens
+            self_pairs += count * count / 2
         # The middle of a segment stands for all of it: each decode's KV grows by 1 per step.
         decode_context = self._distinct_kv_tokens(decodes) + len(decodes) * (steps - 1) / 2
-        ms = self.latency.step_ms(int(tokens), len(chunks), context_pairs, self_pairs, int(decode_context))
-        return ms / 1000.0
+        sequences = len(decodes) + len(prompts)
+        return self.latency.step_ms(tokens, sequences, context_pairs, self_pairs, int(decode_context))
 
     def _distinct_kv_tokens(self, decodes: list[SimRequest]) -> int:
         """KV tokens the decodes read, a block shared by several counted once.

@@ -7,12 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 
 from bench.simulator.calibration import derive
 from bench.simulator.config import POLICIES, ReplicaConfig
 from bench.simulator.latency import H100_80GB, H200
-from bench.simulator.replica import SimRequest
+from bench.simulator.replica import SimReplica, SimRequest
 from bench.simulator.router import SimGateway, peek_cached_blocks
 from bench.simulator.sim import PreparedTrace, Simulation, SimulationConfig, simulate
 from bench.workloads import generate
@@ -278,3 +279,46 @@ def test_policies_decide_as_the_gateway_does_for_the_same_state(policy: str) -> 
         route.replica.prefill_queued += max(spec.prompt_len - theirs.predicted_cached_tokens, 0)
         decided += 1
     assert decided == 60
+
+
+def _sim_request(name: str, prompt_len: int, computed: int, generated: int = 0) -> SimRequest:
+    return SimRequest(
+        request_id=name,
+        arrival_seq=0,
+        token_ids=np.zeros(prompt_len + 8, dtype=np.uint32),
+        block_hashes=[],
+        prompt_len=prompt_len,
+        output_len=8,
+        arrival_s=0.0,
+        generated=generated,
+        num_computed_tokens=computed,
+    )
+
+
+def test_step_time_follows_how_the_engine_runs_the_step() -> None:
+    """Graph steps and split steps cost what the model says; an eager step at least its launch."""
+    model = replace(H200, eager_launch_ms=100.0)
+    replica = SimReplica(0, ReplicaConfig(), model)
+
+    def decodes(n: int) -> dict[SimRequest, int]:
+        return {_sim_request(f"d{i}", 100, 100, generated=1): 1 for i in range(n)}
+
+    def ms(chunks: dict[SimRequest, int], on: SimReplica = replica) -> float:
+        return on._step_seconds(chunks, 1) * 1000
+
+    short, long = _sim_request("short", 300, 0), _sim_request("long", 600, 0)
+    three = decodes(3)
+    alone = model.step_ms(300, 1, 0.0, 300 * 300 / 2, 0)
+    assert ms(three) == pytest.approx(model.step_ms(3, 3, 0.0, 0.0, 300))
+    assert ms({short: 300}) == pytest.approx(alone)
+    assert ms({**three, short: 300}) == pytest.approx(model.step_ms(3, 3, 0.0, 0.0, 300) + alone)
+    assert ms({**three, long: 600}) == pytest.approx(100.0)  # past the chunk graphs: eager
+    assert ms({**decodes(65), short: 300}) == pytest.approx(100.0)  # past the split limit
+    unsplit = SimReplica(1, ReplicaConfig(split_max_decodes=0), model)
+    assert ms({**three, short: 300}, unsplit) == pytest.approx(100.0)
+
+
+def test_the_simulated_split_limit_is_the_engine_s() -> None:
+    from engine.runner import SPLIT_MAX_DECODES
+
+    assert ReplicaConfig().split_max_decodes == SPLIT_MAX_DECODES
