@@ -92,10 +92,11 @@ class ModelRunner:
 
         Such a step (a new turn arriving while others decode: the usual step of a busy agent
         replica) has no graph of its own, and its eager forward is host-bound: ~230 Triton
-        launches and ~130 matmul calls took 12-25 ms of launch time on an H200's host against
-        6-13 ms for the two replays together, which read the weights twice
-        (bench/profile_mixed.py). The sequences are independent, so the split changes no
-        result. Returns (logits of the sampling chunks, their indices), or None to run eagerly.
+        launches and ~130 matmul calls took 12-35 ms of launch time on H200 hosts, while the
+        two replays together, which read the weights twice, took 11-24 ms for 4-64 decodes
+        beside a 32-480 token chunk (bench/profile_mixed.py). The sequences are independent,
+        so the split changes no result. Returns (logits of the sampling chunks, their
+        indices), or None to run the step eagerly.
         """
         long = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) > 1]
         if len(long) != 1 or len(chunks) == 1:

@@ -101,7 +101,7 @@ H200 = LatencyModel(
     self_pair_ms=1.16507e-06,
     kv_read_ms_per_token=3.06948e-05,
     seq_ms=0.0320778,
-    # Median of 60 eager forwards' launch times (quartiles 13.5-22.5 ms) over four H200 hosts,
+    # Median of 60 eager forwards' launch times (quartiles 13.5-22.5 ms) over three H200 hosts,
     # bench/results/profile-mixed*-NVIDIA_H200.txt.
     eager_launch_ms=19.1,
 )
