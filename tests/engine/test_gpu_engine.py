@@ -95,6 +95,11 @@ def test_one_sequence_chunks_replay_graphs_and_match_eager(tiny_model_dir) -> No
     assert outputs[0] == outputs[1]
 
 
+def _float32_engine(folder: Path, graphs: bool, **options: int) -> EngineCore:
+    config = EngineConfig(model=str(folder), device="cuda", dtype="float32", cuda_graphs=graphs, **options)  # type: ignore[arg-type]
+    return EngineCore(config, load_model(folder, device="cuda"))
+
+
 def _staggered_turns(engine: EngineCore, seed: int) -> dict[str, list[int]]:
     """Requests arriving one per step while earlier ones decode: each arrival's step holds the
     running decodes beside one new prompt chunk (short, or past the chunk graphs' 511 tokens)."""
@@ -120,10 +125,7 @@ def test_decodes_beside_one_chunk_replay_two_graphs_and_match_eager(tiny_model_d
     folder: Path = tiny_model_dir("llama")
     outputs, runners = [], []
     for graphs in (False, True):
-        config = EngineConfig(
-            model=str(folder), device="cuda", dtype="float32", num_blocks=1024, cuda_graphs=graphs
-        )
-        engine = EngineCore(config, load_model(folder, device="cuda"))
+        engine = _float32_engine(folder, graphs, num_blocks=1024)
         outputs.append(_staggered_turns(engine, seed=7))
         runners.append(engine.runner)
     assert runners[0].split_steps == 0
@@ -149,16 +151,7 @@ def test_decode_graph_skips_a_one_token_chunk_that_does_not_sample(tiny_model_di
     folder: Path = tiny_model_dir("llama")
     outputs, runners = [], []
     for graphs in (False, True):
-        config = EngineConfig(
-            model=str(folder),
-            device="cuda",
-            dtype="float32",
-            num_blocks=512,
-            max_batched_tokens=4,
-            max_num_seqs=4,
-            cuda_graphs=graphs,
-        )
-        engine = EngineCore(config, load_model(folder, device="cuda"))
+        engine = _float32_engine(folder, graphs, num_blocks=512, max_batched_tokens=4, max_num_seqs=4)
         outputs.append(_prompt_fed_one_token_a_step(engine))
         runners.append(engine.runner)
     assert runners[1].graphs is not None and runners[1].graphs.replays >= 20
