@@ -162,7 +162,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         engine.runner.split_max_decodes = args.split_max_decodes
     bench = Bench(engine, args.context, args.repeat)
     rows = []
+    capacity = engine.num_blocks * engine.block_size
     for decodes in args.decodes:
+        # Each decode grows by a token a step; leave room for that and for the chunks.
+        needed = decodes * (args.context + 64 * args.repeat) + 2 * max(args.chunks)
+        if needed > capacity:
+            print(f"| {decodes} | - | skipped: needs ~{needed:,} KV tokens, the pool holds {capacity:,} |")
+            continue
         running = bench.start_decodes(decodes) if decodes else []
         for chunk in args.chunks:
             graph_decode = bench.decode_steps() * 1e3 if decodes else 0.0

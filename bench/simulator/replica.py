@@ -218,7 +218,9 @@ class SimReplica:
         decodes: list[SimRequest] = []
         prompts: list[tuple[SimRequest, int]] = []
         for request, count in chunks.items():
-            if count == 1 and request.num_remaining_tokens == 1:
+            # A one-token prompt chunk (a step budget run down to one) rides with the decodes,
+            # in the runner's decode graph too: one query row over its cached context.
+            if count == 1:
                 decodes.append(request)
             else:
                 prompts.append((request, count))
