@@ -3,7 +3,8 @@ scenarios through one simulated replica.
 
     python -m bench.simulator.calibration bench/results/offline-llama3-8b-NVIDIA_H100_80GB_HBM3.json
 
-Prints the fitted constants (paste them into latency.py) and a table of measured vs simulated
+Prints the fitted constants (paste them into latency.py; eager_launch_ms is not fitted here but
+measured by bench/profile_mixed.py, so keep the card's) and a table of measured vs simulated
 figures for the four offline scenarios. LatencyModel's docstring gives the derivation.
 """
 

@@ -32,6 +32,13 @@ from engine.kv_manager import KVCacheManager
 
 # The engine's chunk graphs take a one-sequence chunk of fewer tokens than the largest bucket.
 GRAPH_CHUNK_TOKENS = PREFILL_BUCKETS[-1]
+# Extend attention splits the keys across programs only while a batch's query tiles cannot fill
+# the GPU (kernels/triton_extend_split.py, choose_extend_splits): for Llama-3-8B on an H100 or
+# H200, (tokens // 32 + sequences) x 8 KV heads < 132 SMs (128-row tiles of 32 tokens x 4
+# heads, one program per SM). context_pair_ms was fitted on that split kernel (128 new tokens
+# on 8,192 cached); a larger batch runs the unsplit kernel, whose cost per (query, key) pair
+# is the one self_pair_ms was fitted on (an 8,192-token cold chunk).
+_TILE_TOKENS, _KV_HEADS, _SMS = 32, 8, 132
 
 
 @dataclass(eq=False, slots=True)
@@ -245,6 +252,8 @@ class SimReplica:
         # The middle of a segment stands for all of it: each decode's KV grows by 1 per step.
         decode_context = self._distinct_kv_tokens(decodes) + len(decodes) * (steps - 1) / 2
         sequences = len(decodes) + len(prompts)
+        if (tokens // _TILE_TOKENS + sequences) * _KV_HEADS >= _SMS:
+            self_pairs, context_pairs = self_pairs + context_pairs, 0.0
         return self.latency.step_ms(tokens, sequences, context_pairs, self_pairs, int(decode_context))
 
     def _distinct_kv_tokens(self, decodes: list[SimRequest]) -> int:

@@ -318,6 +318,21 @@ def test_step_time_follows_how_the_engine_runs_the_step() -> None:
     assert ms({**three, short: 300}, unsplit) == pytest.approx(100.0)
 
 
+def test_cached_context_costs_the_split_kernel_rate_only_in_small_batches() -> None:
+    """128 new tokens on 8,192 cached run the split-KV kernel (the rate context_pair_ms was
+    fitted on); a 4,000-token chunk fills the GPU's query tiles and runs the unsplit kernel,
+    where a pair with a cached key costs a causal pair's price."""
+    replica = SimReplica(0, ReplicaConfig(), H200)
+    small, big = _sim_request("small", 8320, 8192), _sim_request("big", 12000, 4000)
+    assert replica._step_seconds({small: 128}, 1) * 1000 == pytest.approx(
+        H200.step_ms(128, 1, 128 * 8192, 128 * 128 / 2, 0)
+    )
+    expected_big = H200.step_ms(4000, 1, 0.0, 4000 * 4000 / 2 + 4000 * 4000, 0)
+    assert replica._step_seconds({big: 4000}, 1) * 1000 == pytest.approx(
+        max(expected_big, H200.eager_launch_ms)
+    )
+
+
 def test_the_simulated_split_limit_is_the_engine_s() -> None:
     from engine.runner import SPLIT_MAX_DECODES
 
