@@ -5,10 +5,11 @@
 The engine replays CUDA graphs for decode-only steps and for one-sequence chunks under 512
 tokens; a step that holds both (an agent's next turn arriving while others decode, the
 common case on a busy replica) has no graph of its own: it runs as the two replays one
-after the other (engine/runner.py), or eagerly when the chunk is longer. The routing simulator's latency model
-(bench/simulator/latency.py) is fitted on offline scenarios that are either graph steps or
-large GPU-bound batches, so this measures what it never saw. For D running decodes (each on
-`--context` tokens) and a fresh chunk of n tokens, medians of engine.step():
+after the other (engine/runner.py), or eagerly when the chunk is longer. The routing
+simulator's latency model (bench/simulator/latency.py) is fitted on offline scenarios that
+are either graph steps or large GPU-bound batches, so this measures what it never saw. For D
+running decodes (each on `--context` tokens) and a fresh chunk of n tokens, medians of
+engine.step():
 
 - decode only (graph), the decode-only batch with graphs switched off (eager), both in one
   step as the engine runs it (a decode graph and a chunk graph when n < 512, eager above)
@@ -33,6 +34,7 @@ import torch
 from bench.offline import build_engine
 from bench.shapes import SHAPES
 from bench.simulator.latency import CARDS, LatencyModel
+from bench.simulator.replica import GRAPH_CHUNK_TOKENS
 from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
 
@@ -146,18 +148,27 @@ def predicted_ms(model: LatencyModel, decodes: int, context: int, chunk: int) ->
     )
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = torch.device(args.device)
+def _engine(args: argparse.Namespace, memory_fraction: float) -> EngineCore:
     options: dict[str, Any] = {"max_num_seqs": 256, "max_batched_tokens": 8192}
-    if device.type == "cuda":
-        options["gpu_memory_fraction"] = 0.5
-        card = torch.cuda.get_device_name(device)
-        model = CARDS["h200" if "H200" in card else "h100"]
+    if args.device == "cuda":
+        options["gpu_memory_fraction"] = memory_fraction
     else:
         options["num_blocks"] = 4096
-        model = CARDS["h100"]
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    engine = build_engine(args.shape, device, overrides=overrides, **options)
+    return build_engine(args.shape, torch.device(args.device), overrides=overrides, **options)
+
+
+def _how(engine: EngineCore, split: bool, decodes: int, chunk: int) -> str:
+    if split:
+        return "two graphs"
+    graph = engine.runner.graphs is not None and not decodes and chunk < GRAPH_CHUNK_TOKENS
+    return "graph" if graph else "eager"
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    engine = _engine(args, memory_fraction=0.5)
+    gpu = engine.device.type == "cuda"
+    model = CARDS["h200" if gpu and "H200" in torch.cuda.get_device_name(engine.device) else "h100"]
     if args.split_max_decodes is not None:
         engine.runner.split_max_decodes = args.split_max_decodes
     bench = Bench(engine, args.context, args.repeat)
@@ -186,13 +197,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "decode_eager_launch_ms": eager_decode[1],
                     "decode_eager_gpu_ms": eager_decode[2],
                     "step_ms": mixed,
-                    "step_how": "two graphs"
-                    if split
-                    else (
-                        "graph"
-                        if engine.runner.graphs is not None and not decodes and chunk < 512
-                        else "eager"
-                    ),
+                    "step_how": _how(engine, split, decodes, chunk),
                     "step_eager_ms": mixed_eager,
                     "step_eager_launch_ms": mixed_launch,
                     "step_eager_gpu_ms": mixed_gpu,
@@ -252,10 +257,7 @@ def host_profile(args: argparse.Namespace) -> None:
     import cProfile
     import pstats
 
-    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    options: dict[str, Any] = {"max_num_seqs": 256}
-    options.update({"gpu_memory_fraction": 0.3} if args.device == "cuda" else {"num_blocks": 4096})
-    engine = build_engine(args.shape, torch.device(args.device), overrides=overrides, **options)
+    engine = _engine(args, memory_fraction=0.3)
     bench = Bench(engine, args.context, args.repeat, seed=1)
     running = bench.start_decodes(args.decodes[0])
     profiler = cProfile.Profile()
