@@ -294,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-output-len", type=int, default=None, help="cap the trace's output lengths")
     parser.add_argument("--card", default=None, help="latency model: h100 or h200 (default: detected)")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument(
+        "--step-logs",
+        action="store_true",
+        help="log every engine step (engine/step_log.py) for bench.step_fit",
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -318,8 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     engine += ["--log-level", "warning"]
 
     all_traces = traces(args.scale, args.seed, tiny=bool(args.cpu))
+    stem = f"gpu-cluster-{len(envs)}x-{'cpu' if args.cpu else card}-{args.shape}"
+    step_logs = [out / f"{stem}-steps-replica{i}.jsonl" for i in range(len(envs))] if args.step_logs else []
+    for path in step_logs:
+        path.unlink(missing_ok=True)
     replicas = [
-        Server(["engine", "--model", folder, *engine], work / f"replica{i}.log", env)
+        Server(
+            ["engine", "--model", folder, *engine, *(["--step-log", str(step_logs[i])] if step_logs else [])],
+            work / f"replica{i}.log",
+            env,
+        )
         for i, env in enumerate(envs)
     ]
     rows: list[dict[str, Any]] = []
@@ -358,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_output_len=args.max_output_len,
                     )
                     before = histogram_sums([gateway, *replicas])
-                    started = time.perf_counter()
+                    started, started_at = time.perf_counter(), time.time()
                     result = run_benchmark(trace, config)
                     wall_s = time.perf_counter() - started
                     layers = layer_means_ms(before, histogram_sums([gateway, *replicas]))
@@ -367,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                         "policy": policy,
                         "requests": len(trace.requests),
                         "wall_s": wall_s,
+                        "window": [started_at, time.time()],  # wall clock: the step logs' steps of this run
                         "measured": {**measured(result), **layers},
                         "predicted": predict(trace, policy, len(replicas), num_blocks, card),
                         "errors": result.errors[:5],
@@ -388,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
+        "step_logs": [path.name for path in step_logs],
     }
-    stem = f"gpu-cluster-{len(replicas)}x-{'cpu' if args.cpu else card}-{args.shape}"
     (out / f"{stem}.json").write_bytes(msgspec.json.format(msgspec.json.encode(report)))
     (out / f"{stem}.md").write_text(markdown(rows))
     print(markdown(rows))

@@ -34,7 +34,7 @@ import torch
 from bench.offline import build_engine
 from bench.shapes import SHAPES
 from bench.simulator.latency import CARDS, LatencyModel
-from bench.simulator.replica import GRAPH_CHUNK_TOKENS
+from bench.simulator.step_cost import GRAPH_CHUNK_TOKENS
 from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
 

@@ -7,6 +7,7 @@ No web dependency, no threads: whoever owns an EngineCore calls `step()` in a lo
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from array import array
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from engine.request import FinishReason, Request
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
+from engine.step_log import StepLog, describe_plan
 from engine.structured import GrammarError, StructuredOutputs
 from engine.weights import LoadedModel, load_model
 from policies.eviction import eviction_policy
@@ -129,6 +131,7 @@ class EngineCore:
             max_rows=config.max_num_seqs,
         )
         self.stats = EngineStats()
+        self.step_log: StepLog | None = None  # a record of every step, when set (engine/step_log.py)
         self._arrivals = itertools.count()
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         torch.manual_seed(config.seed)
@@ -222,6 +225,7 @@ class EngineCore:
 
     # -- the step ----------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if self.scheduler.has_work and not self.scheduler.running:
@@ -231,11 +235,15 @@ class EngineCore:
             return []
         # Started before the forward, so the grammar masks are computed while the model runs.
         grammar_mask = self.structured.begin_step(plan) if self.structured.active else None
+        # Described before the step runs: finishing requests give their blocks back in update().
+        described = describe_plan(plan, self.block_size) if self.step_log is not None else None
+        executing = time.perf_counter()
         try:
             sampled = self.runner.execute(plan, grammar_mask)
         finally:
             if grammar_mask is not None:
                 grammar_mask.settle()
+        execute_s = time.perf_counter() - executing
         self.stats.steps += 1
         self.stats.tokens_computed += plan.num_tokens
         touched = self.scheduler.update(plan, sampled)
@@ -247,6 +255,9 @@ class EngineCore:
             for delta in deltas:
                 if delta.finished:
                     self.structured.free(delta.request.request_id)
+        if self.step_log is not None and described is not None:
+            step_s = time.perf_counter() - started
+            self.step_log.record(described, step_s, execute_s, self.runner.last_step_kind)
         return deltas
 
     def _delta(self, request: Request) -> RequestDelta:

@@ -36,6 +36,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.split_steps = 0  # mixed steps run as a decode graph and a chunk graph
         self.split_max_decodes = SPLIT_MAX_DECODES
+        self.last_step_kind = ""  # how the last plan ran: "graph", "split" or "eager"
 
     @torch.inference_mode()
     def execute(self, plan: SchedulePlan, grammar_mask: PendingMask | None = None) -> list[SampledToken]:
@@ -57,12 +58,15 @@ class ModelRunner:
         split = self._two_graph_replays(chunks, graphs) if graphs is not None else None
         if split is not None:
             logits, sampled_chunks = split
+            self.last_step_kind = "split"
         else:
             batch = build_forward_batch(chunks, self.block_size, self.device)
             sampled_chunks = batch.sampled_chunks
             if graphs is not None and graphs.supports(batch):
                 logits = graphs.run_any(batch)
+                self.last_step_kind = "graph"
             else:
+                self.last_step_kind = "eager"
                 hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
                 logits = (
                     None if not sampled_chunks else self.model.compute_logits(hidden[batch.logits_indices])

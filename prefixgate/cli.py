@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of silence from the engine core, with work queued, before the replica reports a hang",
     )
     engine.add_argument("--log-level", default="info")
+    engine.add_argument(
+        "--step-log", default=None, help="append a JSON line per engine step to this file (diagnostics)"
+    )
 
     gateway = commands.add_parser("gateway", help="route OpenAI requests to replicas by prefix cache")
     _gateway_options(gateway)
@@ -146,6 +149,7 @@ def _engine(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
             core_stall_s=args.core_stall_timeout,
             log_level=args.log_level.lower(),
+            step_log=args.step_log,
         )
         run(config)
     except (ModelLoadError, ValueError) as err:

@@ -23,22 +23,12 @@ import numpy as np
 
 from bench.simulator.config import ReplicaConfig
 from bench.simulator.latency import LatencyModel
+from bench.simulator.step_cost import step_ms
 from cache.block_pool import BlockPool
 from cache.events import KVEventQueue
 from cache.hashing import BlockHasher
 from cache.radix_tree import RadixCache
-from engine.cuda_graphs import PREFILL_BUCKETS
 from engine.kv_manager import KVCacheManager
-
-# The engine's chunk graphs take a one-sequence chunk of fewer tokens than the largest bucket.
-GRAPH_CHUNK_TOKENS = PREFILL_BUCKETS[-1]
-# Extend attention splits the keys across programs only while a batch's query tiles cannot fill
-# the GPU (kernels/triton_extend_split.py, choose_extend_splits): for Llama-3-8B on an H100 or
-# H200, (tokens // 32 + sequences) x 8 KV heads < 132 SMs (128-row tiles of 32 tokens x 4
-# heads, one program per SM). context_pair_ms was fitted on that split kernel (128 new tokens
-# on 8,192 cached); a larger batch runs the unsplit kernel, whose cost per (query, key) pair
-# is the one self_pair_ms was fitted on (an 8,192-token cold chunk).
-_TILE_TOKENS, _KV_HEADS, _SMS = 32, 8, 132
 
 
 @dataclass(eq=False, slots=True)
@@ -218,43 +208,20 @@ class SimReplica:
         return sum(self.kv.blocks_needed(r, steps) for r in chunks)
 
     def _step_seconds(self, chunks: dict[SimRequest, int], steps: int) -> float:
-        """The step as the engine runs it (engine/runner.py): a CUDA graph for decodes alone or
-        for one short chunk alone; a decode graph then a chunk graph for decodes beside one
-        short chunk (up to split_max_decodes of them); otherwise the eager forward, which takes
-        at least its host launch time however little the GPU has to do."""
+        """The step as the engine runs it (bench/simulator/step_cost.py)."""
         decodes: list[SimRequest] = []
-        prompts: list[tuple[SimRequest, int]] = []
+        prompts: list[tuple[int, int]] = []
         for request, count in chunks.items():
             # A one-token prompt chunk (a step budget run down to one) rides with the decodes,
             # in the runner's decode graph too: one query row over its cached context.
             if count == 1:
                 decodes.append(request)
             else:
-                prompts.append((request, count))
-        graph_chunk = len(prompts) == 1 and prompts[0][1] < GRAPH_CHUNK_TOKENS
-        if not prompts or (graph_chunk and not decodes):
-            ms = self._model_ms(decodes, prompts, steps)
-        elif graph_chunk and len(decodes) <= self.config.split_max_decodes:
-            ms = self._model_ms(decodes, [], steps) + self._model_ms([], prompts, steps)
-        else:
-            ms = max(self._model_ms(decodes, prompts, steps), self.latency.eager_launch_ms)
-        return ms / 1000.0
-
-    def _model_ms(
-        self, decodes: list[SimRequest], prompts: list[tuple[SimRequest, int]], steps: int
-    ) -> float:
-        tokens = len(decodes)
-        context_pairs = self_pairs = 0.0
-        for request, count in prompts:
-            tokens += count
-            context_pairs += count * request.num_computed_tokens
-            self_pairs += count * count / 2
+                prompts.append((count, request.num_computed_tokens))
         # The middle of a segment stands for all of it: each decode's KV grows by 1 per step.
-        decode_context = self._distinct_kv_tokens(decodes) + len(decodes) * (steps - 1) / 2
-        sequences = len(decodes) + len(prompts)
-        if (tokens // _TILE_TOKENS + sequences) * _KV_HEADS >= _SMS:
-            self_pairs, context_pairs = self_pairs + context_pairs, 0.0
-        return self.latency.step_ms(tokens, sequences, context_pairs, self_pairs, int(decode_context))
+        decode_kv = self._distinct_kv_tokens(decodes) + len(decodes) * (steps - 1) / 2
+        ms = step_ms(self.latency, len(decodes), decode_kv, prompts, self.config.split_max_decodes)
+        return ms / 1000.0
 
     def _distinct_kv_tokens(self, decodes: list[SimRequest]) -> int:
         """KV tokens the decodes read, a block shared by several counted once.

@@ -34,6 +34,8 @@ class ServerConfig:
     # GPU call). Long, because one CPU step of a 2,048-token chunk can take ~10 s.
     core_progress_timeout_s: float = 300.0
     log_level: str = "info"
+    # A JSON line per engine step, appended to this file (engine/step_log.py); None: off.
+    step_log: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -117,7 +117,7 @@ class CoreClient:
         self.failure: str | None = None  # why the core is not (or no longer) usable
         self.draining = False
         self.load: LoadSnapshot | None = None
-        self._core_config = CoreProcessConfig(config.engine, model_folder, config.log_level)
+        self._core_config = CoreProcessConfig(config.engine, model_folder, config.log_level, config.step_log)
         self._inflight: dict[str, _Tracked] = {}
         # Weak: a stream dropped before it ever ran (client gone at once) must not stay subscribed.
         self._subscribers: weakref.WeakSet[KVSubscription] = weakref.WeakSet()

@@ -24,6 +24,7 @@ from engine.sampling_params import SamplingParams
 from engine.server import ipc
 from engine.server.protocol import LoadSnapshot, TokenLogprob, to_wire
 from engine.server.tokenizer import load_tokenizer
+from engine.step_log import StepLog
 
 log = logging.getLogger("prefixgate.engine.core")
 
@@ -45,6 +46,7 @@ class CoreProcessConfig:
     engine: EngineConfig
     model_folder: str
     log_level: str = "info"
+    step_log: str | None = None  # engine/step_log.py
 
 
 def run_core_process(
@@ -69,6 +71,8 @@ def run_core_process(
         log.exception("engine core failed to start")
         outbox.send_bytes(ipc.encode(ipc.StartFailed(f"{type(err).__name__}: {err}")))
         return
+    if config.step_log is not None:
+        core.step_log = StepLog(config.step_log)  # after the warm-up: only served steps
     loop = CoreLoop(core, inbox, outbox)
     outbox.send_bytes(
         ipc.encode(
@@ -88,6 +92,9 @@ def run_core_process(
         loop.run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         log.info("the API process went away; stopping")
+    finally:
+        if core.step_log is not None:
+            core.step_log.close()
 
 
 def _build_core(config: CoreProcessConfig) -> EngineCore:

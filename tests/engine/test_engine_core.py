@@ -193,3 +193,35 @@ def test_invalid_requests_are_refused(tiny_llama: Path) -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         core.add_request(list(range(3, 60)), SamplingParams(max_tokens=20))
     assert not core.has_unfinished
+
+
+def test_step_log_records_what_each_step_held(tiny_llama: Path, tmp_path: Path) -> None:
+    """Two requests on one 40-token prefix under a 32-token budget: the log's prompt chunks
+    (tokens, cached context), decode rows and the keys they read (shared blocks once)."""
+    from engine.step_log import StepLog, read_step_log
+
+    core = make_core(tiny_llama, block_size=16, num_blocks=256, max_batched_tokens=32)
+    core.step_log = StepLog(tmp_path / "steps.jsonl", flush_every=2)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prefix = list(range(3, 43))
+    core.add_request([*prefix, 50], params)
+    core.add_request([*prefix, 60], params)
+    steps = 0
+    while core.has_unfinished:
+        core.step()
+        steps += 1
+    core.step_log.close()
+    records = read_step_log(tmp_path / "steps.jsonl")
+    assert len(records) == steps
+    assert all(r.kind == "eager" and 0 < r.execute_s <= r.step_s for r in records)  # CPU: no graphs
+    # Every prompt token computed once, except the 32 the second request finds cached.
+    prompt_tokens = sum(n for r in records for n, _ in r.chunks)
+    one_token_chunks = sum(r.decodes for r in records) - 2 * 2  # 2 decode steps per request
+    assert prompt_tokens + one_token_chunks == 41 + (41 - 32)
+    assert records[0].chunks == [(32, 0)]
+    assert any(chunk == (9, 32) for r in records for chunk in r.chunks)  # a chunk over 32 cached
+    last = records[-1]  # both requests decoding their last token
+    assert last.decodes == 2 and last.chunks == []
+    assert last.decode_kv == 2 * (41 + 2)
+    assert last.decode_kv_distinct == 32 + 2 * (43 - 32)  # two shared full blocks, then per row
+    core.check_integrity()

@@ -1,0 +1,89 @@
+"""A record of every engine step, one JSON line each (`prefixgate engine --step-log FILE`).
+
+What the step held (decode rows, the KV they read, prompt chunks over their cached context)
+and how long it took, as the engine ran it: the data the routing simulator's latency model
+(bench/simulator/latency.py) is checked against on real serving traffic, step by step, where
+the offline scenarios it is fitted on show only averages. `python -m bench.step_fit FILE`
+compares the two. Off by default: a record costs ~50-200 us of host time (the shared-block
+count walks every decode's block table).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import IO, NamedTuple
+
+import msgspec
+
+from engine.scheduler import SchedulePlan
+
+
+class StepRecord(msgspec.Struct, frozen=True):
+    t: float  # wall clock (time.time()) at the step's end: runs are told apart by it
+    step_s: float  # the whole step: schedule, forward, sampling, bookkeeping
+    execute_s: float  # the runner's part: forward and sampling, up to the sampled ids on the host
+    kind: str  # how the runner ran it: "graph", "split" (decode graph + chunk graph) or "eager"
+    decodes: int  # one-token chunks (decode rows, and prompt chunks cut down to one token)
+    decode_kv: int  # keys those rows attend to, summed over rows
+    decode_kv_distinct: int  # the same, a KV block shared by several rows counted once
+    chunks: list[tuple[int, int]]  # prompt chunks of 2+ tokens: (tokens, cached context before)
+
+
+class PlanShape(NamedTuple):
+    decodes: int
+    decode_kv: int
+    decode_kv_distinct: int
+    chunks: list[tuple[int, int]]
+
+
+def describe_plan(plan: SchedulePlan, block_size: int) -> PlanShape:
+    """What a plan holds, as StepRecord keeps it; taken before the step runs (a request that
+    finishes in it gives its blocks back)."""
+    decodes = decode_kv = 0
+    blocks: set[int] = set()
+    partial = 0  # keys in rows' last, partly filled blocks (not shared: counted per row)
+    chunks: list[tuple[int, int]] = []
+    for chunk in plan.chunks:
+        if chunk.num_tokens > 1:
+            chunks.append((chunk.num_tokens, chunk.start))
+            continue
+        keys = chunk.start + 1
+        decodes += 1
+        decode_kv += keys
+        full = keys // block_size
+        blocks.update(chunk.request.block_ids[:full])
+        partial += keys - full * block_size
+    return PlanShape(decodes, decode_kv, len(blocks) * block_size + partial, chunks)
+
+
+class StepLog:
+    """Appends StepRecords to a file; lines are buffered and written every `flush_every` steps."""
+
+    def __init__(self, path: str | Path, flush_every: int = 256) -> None:
+        self.path = Path(path)
+        self._file: IO[bytes] = self.path.open("ab")
+        self._encoder = msgspec.json.Encoder()
+        self._pending: list[bytes] = []
+        self._flush_every = flush_every
+
+    def record(self, shape: PlanShape, step_s: float, execute_s: float, kind: str) -> None:
+        record = StepRecord(time.time(), step_s, execute_s, kind, *shape)
+        self._pending.append(self._encoder.encode(record) + b"\n")
+        if len(self._pending) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._file.write(b"".join(self._pending))
+            self._pending.clear()
+            self._file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+
+
+def read_step_log(path: str | Path) -> list[StepRecord]:
+    decoder = msgspec.json.Decoder(StepRecord)
+    return [decoder.decode(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
