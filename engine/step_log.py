@@ -10,6 +10,7 @@ count walks every decode's block table).
 
 from __future__ import annotations
 
+import gzip
 import time
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -85,5 +86,10 @@ class StepLog:
 
 
 def read_step_log(path: str | Path) -> list[StepRecord]:
+    """A step log's records; a file named *.gz is read through gzip (how results are kept)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
     decoder = msgspec.json.Decoder(StepRecord)
-    return [decoder.decode(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
+    return [decoder.decode(line) for line in data.splitlines() if line.strip()]

@@ -34,7 +34,7 @@ def _split_tokens(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table", "num_heads", "num_splits"])  # triton_extend.py: why
 def _decode_kernel(
     query_ptr,
     cache_ptr,
@@ -127,7 +127,7 @@ def _decode_kernel(
         tl.store(partial_sum_ptr + index, row_sum, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads", "num_splits"])
 def _decode_reduce_kernel(
     partial_acc_ptr,
     partial_max_ptr,

@@ -100,7 +100,10 @@ def _attend(
     return acc, row_max, row_sum
 
 
-@triton.jit
+# Integers that change from batch to batch are not specialised on (Triton compiles a variant per
+# "== 1" and "divisible by 16" of each int argument): a served eager step meeting a new variant
+# stalled ~1-1.6 s for the compile (bench.step_fit on a 2-GPU run's step logs).
+@triton.jit(do_not_specialize=["stride_table", "num_seqs"])
 def _extend_kernel(
     query_ptr,
     cache_ptr,

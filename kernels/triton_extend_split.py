@@ -76,7 +76,7 @@ def _split_keys(kv_end, num_splits, BLOCK_N: tl.constexpr, MIN_KEYS: tl.constexp
 
 
 # Split and sequence counts vary from call to call: one compiled kernel for all of them.
-@triton.jit(do_not_specialize=["num_seqs", "num_heads", "num_splits"])
+@triton.jit(do_not_specialize=["stride_table", "num_seqs", "num_heads", "num_splits"])
 def _extend_split_kernel(
     query_ptr,
     cache_ptr,

@@ -20,11 +20,11 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.core import EngineCore, InvalidRequestError, RequestDelta
 from engine.request import FinishReason
-from engine.sampling_params import SamplingParams
 from engine.server import ipc
 from engine.server.protocol import LoadSnapshot, TokenLogprob, to_wire
 from engine.server.tokenizer import load_tokenizer
 from engine.step_log import StepLog
+from engine.warmup import warm_up
 
 log = logging.getLogger("prefixgate.engine.core")
 
@@ -66,7 +66,7 @@ def run_core_process(
     started = time.perf_counter()
     try:
         core = _build_core(config)
-        _warm_up(core)
+        warm_up(core)
     except Exception as err:  # anything at all: the API process must learn why we are gone
         log.exception("engine core failed to start")
         outbox.send_bytes(ipc.encode(ipc.StartFailed(f"{type(err).__name__}: {err}")))
@@ -109,16 +109,6 @@ def _build_core(config: CoreProcessConfig) -> EngineCore:
         random_weights=engine.load_format == "dummy",
     )
     return EngineCore(engine, loaded, load_tokenizer(Path(config.model_folder)))
-
-
-def _warm_up(core: EngineCore) -> None:
-    """One short request through the whole path, shorter than a block so nothing gets cached."""
-    prompt = list(range(1, min(core.block_size, core.model_config.vocab_size) // 2 + 1))
-    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=1)
-    core.add_request(prompt, params, request_id="warm-up", detokenize=False)
-    while core.has_unfinished:
-        core.step()
-    core.drain_kv_events()
 
 
 class CoreLoop:

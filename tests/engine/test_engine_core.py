@@ -225,3 +225,28 @@ def test_step_log_records_what_each_step_held(tiny_llama: Path, tmp_path: Path) 
     assert last.decode_kv == 2 * (41 + 2)
     assert last.decode_kv_distinct == 32 + 2 * (43 - 32)  # two shared full blocks, then per row
     core.check_integrity()
+
+
+def test_kernel_warm_up_leaves_the_engine_as_it_started(tiny_llama: Path, tmp_path: Path) -> None:
+    """The GPU warm-up's batches (run here on the CPU) hold what they are meant to (a prompt past
+    the chunk graphs, two short chunks, chunks over a 512-token cached context) and leave no
+    cached block, no KV event and no used block behind."""
+    from engine.step_log import StepLog, read_step_log
+    from engine.warmup import warm_up
+
+    core = make_core(tiny_llama, block_size=16, num_blocks=256, max_batched_tokens=2048)
+    core.step_log = StepLog(tmp_path / "steps.jsonl")
+    warm_up(core, kernel_variants=True)
+    core.step_log.close()
+    prompt_steps = [r.chunks for r in read_step_log(tmp_path / "steps.jsonl") if r.chunks]
+    assert prompt_steps == [
+        [(8, 0)],
+        [(640, 0)],
+        [(20, 0), (20, 0)],
+        [(300, 512), (20, 0)],
+        [(50, 512), (20, 0)],
+    ]
+    assert core.tree is not None and core.tree.num_cached_blocks == 0
+    assert core.drain_kv_events() == []
+    assert core.pool.num_free == core.pool.num_blocks
+    core.check_integrity()
