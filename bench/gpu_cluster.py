@@ -244,19 +244,55 @@ def measured(result: Any) -> dict[str, float]:
     }
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def serving_path_ms(report: dict[str, Any]) -> dict[str, float]:
+    """Per workload, the mean time a request spends outside the replica's API before its first
+    token (client TTFT - replica TTFT, means over the report's policies): HTTP to the gateway
+    and on to the replica, the gateway's templating, tokenizing and routing, the frames back.
+    The simulator models the engine only; a calibration run's figure stands in for the rest."""
+    gaps: dict[str, list[float]] = {}
+    for row in report["rows"]:
+        got = row["measured"]
+        if "replica_ttft_mean_ms" in got:
+            gaps.setdefault(row["workload"], []).append(got["ttft_mean_ms"] - got["replica_ttft_mean_ms"])
+    return {workload: sum(values) / len(values) for workload, values in gaps.items()}
+
+
+def _vs(measured: float, predicted: float, digits: int = 0) -> str:
+    return (
+        f"{predicted:.{digits}f} ({predicted / measured - 1:+.0%})" if measured else f"{predicted:.{digits}f}"
+    )
+
+
+def markdown(rows: list[dict[str, Any]], serving_path: dict[str, float] | None = None) -> str:
+    """Measured figures beside the simulator's (its error in brackets); with `serving_path`
+    (serving_path_ms of a calibration run), predicted TTFTs plus that path as well."""
     columns = ["workload", "policy", "req/s", "pred.", "TTFT p50 ms", "pred.", "TTFT p90 ms", "pred."]
+    if serving_path:
+        columns += ["path ms", "p50 pred. + path", "p90 pred. + path"]
     columns += ["hit rate", "pred."]
     head = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|\n"
     lines = []
     for row in rows:
         got, sim = row["measured"], row["predicted"]
-        lines.append(
-            f"| {row['workload']} | {row['policy']} | {got['request_throughput']:.2f} | "
-            f"{sim['request_throughput']:.2f} | {got['ttft_p50_ms']:.0f} | {sim['ttft_p50_ms']:.0f} | "
-            f"{got['ttft_p90_ms']:.0f} | {sim['ttft_p90_ms']:.0f} | {got['hit_rate']:.3f} | "
-            f"{sim['hit_rate']:.3f} |"
-        )
+        cells = [
+            row["workload"],
+            row["policy"],
+            f"{got['request_throughput']:.2f}",
+            _vs(got["request_throughput"], sim["request_throughput"], 2),
+            f"{got['ttft_p50_ms']:.0f}",
+            _vs(got["ttft_p50_ms"], sim["ttft_p50_ms"]),
+            f"{got['ttft_p90_ms']:.0f}",
+            _vs(got["ttft_p90_ms"], sim["ttft_p90_ms"]),
+        ]
+        if serving_path:
+            path = serving_path.get(row["workload"], 0.0)
+            cells += [
+                f"{path:.1f}",
+                _vs(got["ttft_p50_ms"], sim["ttft_p50_ms"] + path),
+                _vs(got["ttft_p90_ms"], sim["ttft_p90_ms"] + path),
+            ]
+        cells += [f"{got['hit_rate']:.3f}", f"{sim['hit_rate']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     layers = [
         "",
         "Means, ms: TTFT at the client, the gateway (arrival to first frame), the replica API and",
@@ -299,7 +335,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="log every engine step (engine/step_log.py) for bench.step_fit",
     )
+    parser.add_argument(
+        "--serving-path-from",
+        default=None,
+        help="a calibration run's report: its serving path (serving_path_ms)",
+    )
+    parser.add_argument("--render", default=None, help="only re-render this report's markdown (no GPU)")
     args = parser.parse_args(argv)
+    serving_path = None
+    if args.serving_path_from:
+        serving_path = serving_path_ms(json.loads(Path(args.serving_path_from).read_text()))
+    if args.render:
+        report_path = Path(args.render)
+        text = markdown(json.loads(report_path.read_text())["rows"], serving_path)
+        report_path.with_suffix(".md").write_text(text)
+        print(text)
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_logs": [path.name for path in step_logs],
     }
     (out / f"{stem}.json").write_bytes(msgspec.json.format(msgspec.json.encode(report)))
-    (out / f"{stem}.md").write_text(markdown(rows))
-    print(markdown(rows))
+    (out / f"{stem}.md").write_text(markdown(rows, serving_path))
+    print(markdown(rows, serving_path))
     return 0
 
 
