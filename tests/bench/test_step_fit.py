@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_cluster import markdown, serving_path_ms
+from bench.gpu_cluster_report import markdown, serving_path_ms
 from bench.simulator.latency import H200
 from bench.simulator.step_cost import step_kind, step_ms
 from bench.step_fit import decode_fit, price, runs_of, summary_table
