@@ -18,6 +18,7 @@ from engine.sampling_params import SamplingParams
 
 _GREEDY = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=1)
 _request_ids = itertools.count()
+_LONGEST = 1024  # tokens: the longest warm-up prompt (812) and then some
 _FIRST_TOKEN = 100  # warm-up prompts are runs of consecutive ids from here (any ids would do)
 
 
@@ -30,6 +31,8 @@ def warm_up(core: EngineCore, kernel_variants: bool | None = None) -> None:
         kernel_variants = core.runner.device.type == "cuda"
     if not kernel_variants or core.model_config.vocab_size < 2 * _FIRST_TOKEN:
         return
+    if core.max_model_len < _LONGEST or core.num_blocks * core.block_size < 4 * _LONGEST:
+        return  # a replica this small would not fit the batches (nor serve such prompts)
     ids = _Ids(core.model_config.vocab_size)
     cached = 512  # 32 blocks of 16: a context the split kernel takes (2 x 256 keys or more)
     prefix = ids.take(cached + 128)
