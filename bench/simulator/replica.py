@@ -224,12 +224,14 @@ class SimReplica:
         return ms / 1000.0
 
     def _distinct_kv_tokens(self, decodes: list[SimRequest]) -> int:
-        """KV tokens the decodes read, a block shared by several counted once.
+        """KV tokens the decodes read: a block shared by several counted once when the model
+        says so (dedup_shared_kv), else once per row.
 
-        Counting shared blocks once is what reproduces the measured shared-prefix throughput
-        (8 x 32 requests on 2,048-token prefixes): decodes of one group read the same blocks
-        in the same step, and the repeats come from the GPU's L2 rather than HBM. Counting
-        them per request under-predicts that throughput by ~40% (calibration.py shows both).
+        Once is what the offline shared-prefix batch shows (256 rows on 8 prefixes of 2,048
+        tokens: repeats come from the GPU's L2; per row under-predicts it by 30-40%). Served
+        batches (1-128 rows) show no such reuse: in a 2-GPU run's step logs a key read again
+        cost as much as a distinct one (bench.step_fit), so a model fitted on served steps
+        (H200) counts per row.
         """
         if not self.latency.dedup_shared_kv:
             return sum(r.num_computed_tokens for r in decodes)
