@@ -113,20 +113,34 @@ def decode_b1(engine: EngineCore, bandwidth: float, shape: str, peers: bool) -> 
     engine.add_request(_random_prompt(rng, 512, vocab), SamplingParams(max_tokens=4, ignore_eos=True))
     run_to_completion(engine)  # warm-up
     prompt = _random_prompt(rng, 512, vocab)
-    request = engine.add_request(prompt, params)
-    run_to_completion(engine)
-    times = request.times.tokens
-    ms_per_token = (times[-1] - times[0]) / (len(times) - 1) * 1000
+
+    def ms_per_token(overlap: bool) -> float:
+        engine.overlap = overlap
+        request = engine.add_request(prompt, params)
+        run_to_completion(engine)
+        times = request.times.tokens
+        return (times[-1] - times[0]) / (len(times) - 1) * 1000
+
+    default = engine.overlap
+    # Side by side: the engine as configured, then with the other overlap setting.
+    measured = ms_per_token(default)
+    other = ms_per_token(not default)
+    engine.overlap = default
     roofline_ms = weight_bytes_per_step(engine.model_config) / bandwidth * 1000
     peer = transformers_generate_ms_per_token(shape, prompt, 128) if peers else None
     return Result(
         "decode_b1",
         "ms/token",
-        ms_per_token,
+        measured,
         peer,
         "transformers generate",
         "<= 1.15x roofline",
-        {"roofline_ms": roofline_ms, "x_roofline": ms_per_token / roofline_ms},
+        {
+            "roofline_ms": roofline_ms,
+            "x_roofline": measured / roofline_ms,
+            "overlap": float(default),
+            f"ms_per_token_overlap_{'off' if default else 'on'}": other,
+        },
     )
 
 
@@ -188,6 +202,14 @@ def sharegpt_like(engine: EngineCore, count: int = 500) -> Result:
     run_to_completion(engine)
     inputs, outputs = _add_sharegpt_requests(engine, count, seed=3)
     seconds = run_to_completion(engine)
+    # The same requests again with the other overlap setting (the cache cleared: as cold).
+    default = engine.overlap
+    engine.overlap = not default
+    if engine.tree is not None:
+        engine.tree.clear()
+    _add_sharegpt_requests(engine, count, seed=3)
+    other_seconds = run_to_completion(engine)
+    engine.overlap = default
     return Result(
         "sharegpt_like",
         "requests/s",
@@ -197,6 +219,8 @@ def sharegpt_like(engine: EngineCore, count: int = 500) -> Result:
         ">= 37",
         {
             "seconds": seconds,
+            "overlap": float(default),
+            f"req_per_s_overlap_{'off' if default else 'on'}": count / other_seconds,
             "mean_input": sum(inputs) / count,
             "mean_output": sum(outputs) / count,
             "output_tok_per_s": sum(outputs) / seconds,

@@ -10,6 +10,7 @@ and the weight-read roofline, so the gap is split between GPU work and host gaps
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import time
@@ -19,6 +20,7 @@ import torch
 from bench.offline import build_engine, copy_bandwidth, weight_bytes_per_step
 from bench.shapes import SHAPES
 from engine.batch import SequenceChunk, build_forward_batch
+from engine.core import EngineCore
 from engine.sampler import SamplingInputs
 from engine.sampling_params import SamplingParams
 
@@ -30,7 +32,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
-    engine = build_engine(args.shape, device, max_num_seqs=64, gpu_memory_fraction=0.3)
+    # The phase-by-phase loop below drives the scheduler and the graphs by hand, one step at
+    # a time; the engine's own loop, with and without overlap, is timed after it.
+    engine = build_engine(
+        args.shape, device, max_num_seqs=64, gpu_memory_fraction=0.3, overlap_scheduling=False
+    )
     graphs = engine.runner.graphs
     assert graphs is not None
     rng = random.Random(0)
@@ -77,6 +83,27 @@ def main() -> None:
     print(f"the step's matmuls alone at batch 1 (eager, events): {gemv * 1e3:.2f} ms")
     for name, values in phases.items():
         print(f"{name}: {statistics.median(values) * 1e3:.3f} ms")
+    engine.abort(request.request_id)
+    replay = statistics.median(gpu_replay)
+    for overlap in (False, True):
+        period = _engine_step_period(engine, prompt, overlap, args.steps)
+        print(
+            f"engine.step() loop, overlap {'on' if overlap else 'off'}: {period * 1e3:.3f} ms/token, "
+            f"GPU idle between steps ~{max(period - replay, 0.0) * 1e3:.3f} ms "
+            f"({(period - replay) / period:.1%})"
+        )
+
+
+def _engine_step_period(engine: EngineCore, prompt: list[int], overlap: bool, steps: int) -> float:
+    """Median time between consecutive tokens of one request in the engine's own step loop."""
+    engine.overlap = overlap
+    request = engine.add_request(
+        prompt, SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    )
+    while engine.has_unfinished:
+        engine.step()
+    times = request.times.tokens
+    return statistics.median(b - a for a, b in itertools.pairwise(times))
 
 
 def _gemv_time(model: torch.nn.Module, device: torch.device, repeat: int = 20) -> float:

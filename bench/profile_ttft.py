@@ -63,10 +63,11 @@ def profile(engine: EngineCore, prompt: list[int]) -> dict[str, float]:
     cuda = engine.device.type == "cuda"
     clock = PhaseClock(cuda)
     runner, scheduler = engine.runner, engine.scheduler
-    saved = (scheduler.schedule, scheduler.update, runner.execute, runner.model.forward)
+    saved = (scheduler.schedule, scheduler.advance, scheduler.resolve, runner.launch, runner.model.forward)
     scheduler.schedule = clock.wrap("schedule", scheduler.schedule)  # type: ignore[method-assign]
-    scheduler.update = clock.wrap("update", scheduler.update)  # type: ignore[method-assign]
-    runner.execute = clock.wrap("execute (build + forward + sample + copy)", runner.execute)  # type: ignore[method-assign]
+    scheduler.advance = clock.wrap("advance", scheduler.advance)  # type: ignore[method-assign]
+    scheduler.resolve = clock.wrap("resolve", scheduler.resolve)  # type: ignore[method-assign]
+    runner.launch = clock.wrap("launch (build + forward + sample)", runner.launch)  # type: ignore[method-assign]
     runner.model.forward = clock.wrap("eager forward (launch)", runner.model.forward, gpu=True)  # type: ignore[method-assign]
     if runner.graphs is not None:
         runner.graphs.run_any = clock.wrap("graph replay (launch)", runner.graphs.run_any, gpu=True)  # type: ignore[method-assign]
@@ -83,7 +84,9 @@ def profile(engine: EngineCore, prompt: list[int]) -> dict[str, float]:
         _sync(cuda)
         total = time.perf_counter() - start
     finally:
-        scheduler.schedule, scheduler.update, runner.execute, runner.model.forward = saved  # type: ignore[method-assign]
+        (scheduler.schedule, scheduler.advance, scheduler.resolve, runner.launch, runner.model.forward) = (
+            saved  # type: ignore[method-assign]
+        )
         if runner.graphs is not None:
             del runner.graphs.run_any  # back to the class's method
     out = {name: seconds * 1000 for name, seconds in clock.wall.items()}

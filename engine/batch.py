@@ -60,18 +60,30 @@ def build_forward_batch(
         [list(c.block_ids) + [0] * (max_blocks - len(c.block_ids)) for c in chunks], dtype=torch.int32
     ).reshape(len(chunks), max_blocks)
     metadata = AttentionMetadata(
-        query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=table.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=to_device(torch.tensor(query_start, dtype=torch.int32), device),
+        seq_lens=to_device(torch.tensor(seq_lens, dtype=torch.int32), device),
+        block_tables=to_device(table, device),
+        slot_mapping=to_device(torch.tensor(slots, dtype=torch.int64), device),
         query_lens_host=tuple(len(c.token_ids) for c in chunks),
         seq_lens_host=tuple(seq_lens),
         block_size=block_size,
     )
     return ForwardBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        input_ids=to_device(torch.tensor(input_ids, dtype=torch.int64), device),
+        positions=to_device(torch.tensor(positions, dtype=torch.int64), device),
         metadata=metadata,
-        logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        logits_indices=to_device(torch.tensor(logits_rows, dtype=torch.int64), device),
         sampled_chunks=tuple(sampled),
     )
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor's copy on `device`, queued without waiting for the device to go idle.
+
+    A plain copy from pageable memory synchronizes with the stream, so the host would wait
+    for the step in flight before it could build the next one; a pinned buffer lets the copy
+    queue behind it (the caching host allocator keeps the buffer until the copy has run).
+    """
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)

@@ -34,6 +34,8 @@ class EngineConfig:
     eviction_policy: str = "lru"
     seed: int = 0
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU with the Triton backend)
+    # Plan and launch step N+1 while step N runs (default: on a GPU, off on a CPU).
+    overlap_scheduling: bool | None = None
     # "safetensors": the folder's weights; "dummy": random weights of the folder's config.json
     # shape (vLLM's --load-format dummy), for serving benchmarks of real shapes without a download.
     load_format: str = "safetensors"

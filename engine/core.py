@@ -28,10 +28,10 @@ from engine.kv_cache import allocate_kv_caches, blocks_for_memory
 from engine.kv_manager import KVCacheManager
 from engine.model_store import is_default_model, resolve_model
 from engine.request import FinishReason, Request
-from engine.runner import ModelRunner
+from engine.runner import LaunchedStep, ModelRunner
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
-from engine.step_log import StepLog, describe_plan
+from engine.scheduler import SchedulePlan, Scheduler, SchedulerConfig
+from engine.step_log import PlanShape, StepLog, describe_plan
 from engine.structured import GrammarError, StructuredOutputs
 from engine.weights import LoadedModel, load_model
 from policies.eviction import eviction_policy
@@ -50,6 +50,18 @@ class RequestDelta:
     new_token_ids: tuple[int, ...]
     new_text: str
     finished: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A launched step whose sampled values the host has not read yet."""
+
+    plan: SchedulePlan
+    launched: LaunchedStep
+    started: float  # when its step() call began
+    launch_s: float
+    kind: str
+    described: PlanShape | None
 
 
 @dataclass(slots=True)
@@ -122,7 +134,13 @@ class EngineCore:
                 scratch_block=self.num_blocks,
             )
             graphs.capture()
-        self.runner = ModelRunner(loaded.model, kv_caches, self.block_size, graphs)
+        self.runner = ModelRunner(loaded.model, kv_caches, self.block_size, graphs, config.max_num_seqs)
+        # Plan step N+1 while the GPU runs step N; off on a CPU, where nothing runs meanwhile.
+        self.overlap = (
+            config.overlap_scheduling if config.overlap_scheduling is not None else self.device.type == "cuda"
+        )
+        self._in_flight: _InFlight | None = None
+        self._last_read_back = 0.0
         self.structured = StructuredOutputs(
             self._tokenizer,
             self.model_config.vocab_size,
@@ -221,13 +239,22 @@ class EngineCore:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     # -- the step ----------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        """Plan and launch one step; return what the host learnt this call.
+
+        With overlap on, the step launched here is read back during the next call: the host
+        plans and launches step N+1 while the GPU runs step N, and the deltas returned are
+        step N's. Steps that need their sampled values before the next one can be planned
+        (grammars, penalties) are read back in the same call.
+        """
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            if self._in_flight is not None:
+                return self._read_back(self._take_in_flight())
             if self.scheduler.has_work and not self.scheduler.running:
                 raise RuntimeError(
                     "the scheduler admitted nothing with an empty batch: the pool is too small"
@@ -235,18 +262,46 @@ class EngineCore:
             return []
         # Started before the forward, so the grammar masks are computed while the model runs.
         grammar_mask = self.structured.begin_step(plan) if self.structured.active else None
-        # Described before the step runs: finishing requests give their blocks back in update().
+        # Described before the step runs: finishing requests give their blocks back later.
         described = describe_plan(plan, self.block_size) if self.step_log is not None else None
-        executing = time.perf_counter()
+        launching = time.perf_counter()
         try:
-            sampled = self.runner.execute(plan, grammar_mask)
+            launched = self.runner.launch(plan, grammar_mask)
         finally:
             if grammar_mask is not None:
                 grammar_mask.settle()
-        execute_s = time.perf_counter() - executing
+        current = _InFlight(
+            plan, launched, started, time.perf_counter() - launching, self.runner.last_step_kind, described
+        )
         self.stats.steps += 1
         self.stats.tokens_computed += plan.num_tokens
-        touched = self.scheduler.update(plan, sampled)
+        self.scheduler.advance(plan, launched.first_slot)
+        deltas = self._read_back(self._take_in_flight()) if self._in_flight is not None else []
+        if self._may_overlap(plan):
+            self._in_flight = current
+        else:
+            deltas += self._read_back(current)
+        return deltas
+
+    def _may_overlap(self, plan: SchedulePlan) -> bool:
+        # A grammar's next mask and the penalties' token counts need this step's values.
+        return (
+            self.overlap
+            and not self.structured.active
+            and not any(chunk.request.params.needs_penalties for chunk in plan.chunks)
+        )
+
+    def _take_in_flight(self) -> _InFlight:
+        in_flight = self._in_flight
+        assert in_flight is not None
+        self._in_flight = None
+        return in_flight
+
+    def _read_back(self, step: _InFlight) -> list[RequestDelta]:
+        waiting = time.perf_counter()
+        sampled = step.launched.sampled()
+        waited_s = time.perf_counter() - waiting
+        touched = self.scheduler.resolve(step.plan, sampled)
         if self.structured.active:
             for request, reason in self.structured.advance(touched):
                 self.scheduler.finish(request, reason)
@@ -255,9 +310,13 @@ class EngineCore:
             for delta in deltas:
                 if delta.finished:
                     self.structured.free(delta.request.request_id)
-        if self.step_log is not None and described is not None:
-            step_s = time.perf_counter() - started
-            self.step_log.record(described, step_s, execute_s, self.runner.last_step_kind)
+        finished = time.perf_counter()
+        if self.step_log is not None and step.described is not None:
+            # Overlapped steps share wall time: each is charged from when the previous one
+            # was read back (or its own start, if later) to its own read-back.
+            step_s = finished - max(step.started, self._last_read_back)
+            self.step_log.record(step.described, step_s, step.launch_s + waited_s, step.kind)
+        self._last_read_back = finished
         return deltas
 
     def _delta(self, request: Request) -> RequestDelta:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, to_device
 from engine.models.decoder import CausalLM
 from kernels.metadata import AttentionMetadata
 
@@ -179,7 +179,9 @@ class DecodeGraphs:
         self.slot_mapping[count:bucket].copy_(self.scratch_slots[:pad])
         self.seq_lens[1:2].fill_(pad)
         self.block_tables[1, : self.scratch_ids.shape[0]].copy_(self.scratch_ids)
-        self.prefill_start_loc.copy_(torch.tensor([0, count, bucket], dtype=torch.int32), non_blocking=True)
+        self.prefill_start_loc.copy_(
+            to_device(torch.tensor([0, count, bucket], dtype=torch.int32), self.prefill_start_loc.device)
+        )
         self.logits_index.fill_(count - 1)
 
     def run_prefill(self, batch: ForwardBatch) -> torch.Tensor:

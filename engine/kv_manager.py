@@ -163,7 +163,13 @@ class KVCacheManager:
         """
         if self.tree is None:
             return
-        full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        # Only blocks whose tokens the host knows: an overlapped step computes the KV of a
+        # token whose value is still on the device (it is hashed once it has been read).
+        full = min(
+            request.num_computed_tokens // self.block_size,
+            len(request.block_ids),
+            len(request.token_ids) // self.block_size,
+        )
         if full <= request.num_tree_blocks:
             return
         hashes = self._hashes(request, full)

@@ -76,6 +76,11 @@ class Request:
     tree_node: Node | None = None  # deepest radix node this request holds locked
     num_tree_blocks: int = 0  # leading entries of block_ids that belong to the radix tree
     num_preemptions: int = 0
+    # Overlapped steps: tokens sampled on the device whose values the host has not read yet.
+    # They count in num_tokens (the scheduler plans around them) but are not in token_ids;
+    # the step that decodes one reads it from the device (`future_slot`) as its input.
+    num_pending_tokens: int = 0
+    future_slot: int = -1
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -84,11 +89,20 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the request has, sampled ones the host has not read yet included."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens the host knows (pending ones excluded)."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def length_exhausted(self) -> bool:
+        """Pending tokens already reach max_tokens or the context limit: the request ends
+        when they are read, whatever their values, so it must not be scheduled again."""
+        total = self.num_tokens
+        return total - self.num_prompt_tokens >= self.params.max_tokens or total >= self.max_total_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -101,13 +115,16 @@ class Request:
     @property
     def num_remaining_tokens(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
     def append_token(self, token_id: int, logprob: TokenLogprob | None, now: float) -> None:
+        """The host read the oldest pending token's value."""
+        assert self.num_pending_tokens > 0, "a token nobody sampled"
+        self.num_pending_tokens -= 1
         self.token_ids.append(token_id)
         if logprob is not None:
             self.logprobs.append(logprob)
@@ -123,6 +140,7 @@ class Request:
         if token_id in self.params.stop_token_ids:
             self.stop_reason = token_id
             return FinishReason.STOP
-        if self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= self.max_total_tokens:
+        known = len(self.token_ids)
+        if known - self.num_prompt_tokens >= self.params.max_tokens or known >= self.max_total_tokens:
             return FinishReason.LENGTH
         return None

@@ -1,10 +1,20 @@
-"""Runs a schedule plan through the model and the sampler. It makes no policy decision."""
+"""Runs a schedule plan through the model and the sampler. It makes no policy decision.
+
+`launch` queues a step's forward and sampling on the device and returns at once; the
+sampled values reach the host through `LaunchedStep.sampled()`. The sampled token ids also
+stay on the device, in a small table of future tokens, so the next step can be launched
+before the host has read them: a decode row whose input is such a token carries the
+placeholder -1 - slot, swapped for the table's value on the device (SGLang's overlap
+scheduler does the same).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from engine.batch import SequenceChunk, build_forward_batch
+from engine.batch import ForwardBatch, SequenceChunk, build_forward_batch, to_device
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.decoder import CausalLM
 from engine.request import TokenLogprob
@@ -26,6 +36,7 @@ class ModelRunner:
         kv_caches: list[torch.Tensor],
         block_size: int,
         graphs: DecodeGraphs | None = None,
+        max_rows: int = 256,
     ) -> None:
         self.model = model
         self.graphs = graphs
@@ -37,30 +48,47 @@ class ModelRunner:
         self.split_steps = 0  # mixed steps run as a decode graph and a chunk graph
         self.split_max_decodes = SPLIT_MAX_DECODES
         self.last_step_kind = ""  # how the last plan ran: "graph", "split" or "eager"
+        # Sampled ids of the last two launches, by slot: step N reads step N-1's half while
+        # it writes its own, and the host has read step N-2's before step N is planned.
+        self.max_rows = max_rows
+        self.future_tokens = torch.zeros(2 * max_rows, dtype=torch.int64, device=self.device)
+        self.num_launches = 0
+        self.future_rows = 0  # rows whose input token was read from the device's table
+
+    def execute(self, plan: SchedulePlan, grammar_mask: PendingMask | None = None) -> list[SampledToken]:
+        """Launch the plan and wait for its sampled tokens."""
+        return self.launch(plan, grammar_mask).sampled()
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulePlan, grammar_mask: PendingMask | None = None) -> list[SampledToken]:
-        """One forward pass over the plan's chunks; one sampled token per sampling chunk.
+    def launch(self, plan: SchedulePlan, grammar_mask: PendingMask | None = None) -> LaunchedStep:
+        """Queue one forward pass over the plan's chunks and the sampling of its sampling chunks.
 
         `grammar_mask`, when given, is being filled for the sampling rows while the forward
-        runs; it is awaited only once the logits exist.
+        runs; it is awaited only once the logits exist. Sampled row r (the r-th sampling
+        chunk) is written to future slot `LaunchedStep.first_slot + r`.
         """
-        chunks = [
-            SequenceChunk(
-                token_ids=c.request.token_ids[c.start : c.start + c.num_tokens],
-                start_pos=c.start,
-                block_ids=c.request.block_ids,
-                sample=c.samples,
-            )
-            for c in plan.chunks
-        ]
+        chunks: list[SequenceChunk] = []
+        placeholders = False
+        for c in plan.chunks:
+            request = c.request
+            token_ids = request.token_ids[c.start : c.start + c.num_tokens]
+            if len(token_ids) < c.num_tokens:
+                # The last token was sampled by the step in flight: its value is on the device.
+                if len(token_ids) != c.num_tokens - 1 or request.future_slot < 0:
+                    raise AssertionError(f"request {request.request_id}: tokens missing from its chunk")
+                token_ids = [*token_ids, -1 - request.future_slot]
+                placeholders = True
+                self.future_rows += 1
+            chunks.append(SequenceChunk(token_ids, c.start, request.block_ids, c.samples))
+        first_slot = (self.num_launches % 2) * self.max_rows
+        self.num_launches += 1
         graphs = self.graphs
-        split = self._two_graph_replays(chunks, graphs) if graphs is not None else None
+        split = self._two_graph_replays(chunks, graphs, placeholders) if graphs is not None else None
         if split is not None:
             logits, sampled_chunks = split
             self.last_step_kind = "split"
         else:
-            batch = build_forward_batch(chunks, self.block_size, self.device)
+            batch = self._batch(chunks, placeholders)
             sampled_chunks = batch.sampled_chunks
             if graphs is not None and graphs.supports(batch):
                 logits = graphs.run_any(batch)
@@ -72,7 +100,7 @@ class ModelRunner:
                     None if not sampled_chunks else self.model.compute_logits(hidden[batch.logits_indices])
                 )
         if not sampled_chunks:
-            return []
+            return LaunchedStep(None, [], first_slot)
         assert logits is not None
         requests = [plan.chunks[i].request for i in sampled_chunks]
         inputs = SamplingInputs.build(
@@ -87,10 +115,19 @@ class ModelRunner:
             grammar_blocked=None if grammar_mask is None else grammar_mask.blocked(logits.device),
         )
         out = self.sampler(logits, inputs)
-        return _to_host(out, [r.params.logprobs for r in requests])
+        self.future_tokens[first_slot : first_slot + len(requests)].copy_(out.token_ids)
+        return LaunchedStep(out, [r.params.logprobs for r in requests], first_slot)
+
+    def _batch(self, chunks: list[SequenceChunk], placeholders: bool) -> ForwardBatch:
+        batch = build_forward_batch(chunks, self.block_size, self.device)
+        if not placeholders:
+            return batch
+        ids = batch.input_ids
+        from_device = self.future_tokens[(-1 - ids).clamp_(min=0)]
+        return dataclasses.replace(batch, input_ids=torch.where(ids >= 0, ids, from_device))
 
     def _two_graph_replays(
-        self, chunks: list[SequenceChunk], graphs: DecodeGraphs
+        self, chunks: list[SequenceChunk], graphs: DecodeGraphs, placeholders: bool
     ) -> tuple[torch.Tensor | None, tuple[int, ...]] | None:
         """Decodes beside one short prompt chunk, run as a decode graph and a chunk graph.
 
@@ -111,7 +148,7 @@ class ModelRunner:
         if not graphs.takes_split(len(chunks) - 1, len(chunks[prompt_index].token_ids)):
             return None
         decode_indices = [i for i in range(len(chunks)) if i != prompt_index]
-        decodes = build_forward_batch([chunks[i] for i in decode_indices], self.block_size, self.device)
+        decodes = self._batch([chunks[i] for i in decode_indices], placeholders)
         prompt = build_forward_batch([chunks[prompt_index]], self.block_size, self.device)
         if not (graphs.supports(decodes) and graphs.supports(prompt)):
             return None
@@ -131,9 +168,43 @@ class ModelRunner:
         logits = rows[0] if len(rows) == 1 else torch.cat(rows)
         if order != sorted(order):  # the sampler takes rows in chunk order
             permutation = sorted(range(len(order)), key=order.__getitem__)
-            logits = logits[torch.tensor(permutation, device=logits.device)]
+            logits = logits[to_device(torch.tensor(permutation), logits.device)]
             order.sort()
         return logits, tuple(order)
+
+
+class LaunchedStep:
+    """A launched step's sampler output; `sampled()` waits for it and reads it on the host."""
+
+    def __init__(self, out: SamplerOutput | None, wanted: list[int | None], first_slot: int) -> None:
+        self.first_slot = first_slot
+        self.num_sampled = len(wanted)
+        self._wanted = wanted
+        self._ready: torch.cuda.Event | None = None
+        self._out = out
+        if out is not None and out.token_ids.is_cuda:
+            # Copies queued now land in pinned memory when this step ends, without waiting for
+            # whatever is launched after it.
+            self._out = SamplerOutput(
+                *(_to_host_async(getattr(out, f.name)) for f in dataclasses.fields(out))  # type: ignore[arg-type]
+            )
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def sampled(self) -> list[SampledToken]:
+        if self._out is None:
+            return []
+        if self._ready is not None:
+            self._ready.synchronize()
+        return _to_host(self._out, self._wanted)
+
+
+def _to_host_async(values: torch.Tensor | None) -> torch.Tensor | None:
+    if values is None:
+        return None
+    # Into pinned memory: a copy into pageable memory would block the host until it ran.
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
 
 
 def _to_host(out: SamplerOutput, wanted: list[int | None]) -> list[SampledToken]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.batch import to_device
 from engine.sampling_params import SamplingParams
 from engine.structured.bitmask import apply_blocked
 
@@ -37,17 +38,9 @@ _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _on_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned memory lets the host-to-device copy run without waiting for the GPU queue to drain,
-    # so building step N+1's inputs does not stall behind step N.
-    if device.type == "cuda":
-        return values.pin_memory().to(device, non_blocking=True)
-    return values.to(device)
-
-
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """A [B, 1] float32 column that broadcasts against [B, V] logits."""
-    return _on_device(torch.tensor(values, dtype=torch.float32).unsqueeze(1), device)
+    return to_device(torch.tensor(values, dtype=torch.float32).unsqueeze(1), device)
 
 
 def _token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -61,7 +54,7 @@ def _token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.
     for i, row in enumerate(rows):
         if row:
             padded[i, : len(row)] = torch.as_tensor(row, dtype=torch.int64)
-    padded = _on_device(padded, device)
+    padded = to_device(padded, device)
     counts = torch.zeros((len(rows), vocab_size + 1), dtype=torch.float32, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab_size]
@@ -161,9 +154,9 @@ class SamplingInputs:
         requested = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingInputs(
             vocab_size=vocab_size,
-            greedy=_on_device(torch.tensor(greedy, dtype=torch.bool), device),
+            greedy=to_device(torch.tensor(greedy, dtype=torch.bool), device),
             temperature=(_column(temperatures, device) if any(t != 1.0 for t in temperatures) else None),
-            top_k=(_on_device(torch.tensor(top_ks, dtype=torch.int64), device) if active_top_ks else None),
+            top_k=(to_device(torch.tensor(top_ks, dtype=torch.int64), device) if active_top_ks else None),
             max_top_k=max(active_top_ks, default=0),
             top_p=_column(top_ps, device) if any(p < 1.0 for p in top_ps) else None,
             log_min_p=(

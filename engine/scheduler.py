@@ -4,6 +4,13 @@ Each step: running requests first (decodes, then prefill chunks in progress), th
 requests in queue-policy order, within a token budget and a sequence cap. A waiting request
 matches its longest cached prefix on admission and only its uncached suffix is computed.
 When blocks run out: evict unused cache, then preempt the newest running request.
+
+A step's outcome comes back in two parts, so the next step can be planned while this one
+runs on the GPU: `advance` (right after the launch: counters move, each sampling chunk
+leaves one pending token) and `resolve` (once the sampled values are on the host: tokens
+appended, blocks committed, stop conditions checked). A pending token is decoded by the
+next step from the device; a request whose pending tokens already exhaust its length is
+not scheduled again, and one that turns out to have stopped wastes one row of one step.
 """
 
 from __future__ import annotations
@@ -111,6 +118,8 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if request.num_pending_tokens and request.length_exhausted:
+                continue  # ends when its pending token is read
             if request.num_remaining_tokens > 1:
                 self.kv.extend_match(request)
                 if self.kv.waits_for_another(request):
@@ -146,6 +155,8 @@ class Scheduler:
         for request in self._waiting_in_policy_order():
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if request.num_pending_tokens:
+                continue  # preempted with a token in flight: matchable once it is read
             cached = self.kv.match(request)
             if self.kv.waits_for_another(request):
                 self.kv.release(request)
@@ -191,26 +202,50 @@ class Scheduler:
         self.waiting.append(request)
 
     def update(self, plan: SchedulePlan, sampled: Sequence[SampledToken]) -> list[Request]:
-        """Advance counters after the runner ran `plan`; `sampled` has one entry per sampling chunk.
+        """`advance` then `resolve`: a step whose sampled tokens are already on the host."""
+        self.advance(plan)
+        return self.resolve(plan, sampled)
 
-        Returns the requests that received a token or finished this step.
+    def advance(self, plan: SchedulePlan, first_future_slot: int = -1) -> None:
+        """Move counters for a launched plan; each sampling chunk leaves a pending token.
+
+        The r-th sampling chunk's token sits on the device at future slot
+        `first_future_slot + r` until the host reads it (the runner's numbering).
+        """
+        slot = first_future_slot
+        for chunk in plan.chunks:
+            request = chunk.request
+            chunk_slot = slot
+            slot += chunk.samples
+            if request.status is not RequestStatus.RUNNING:
+                continue  # aborted since it was scheduled
+            if request.num_output_tokens + request.num_pending_tokens == 0:
+                request.times.prefill_chunks += 1
+            request.num_computed_tokens += chunk.num_tokens
+            if chunk.samples:
+                request.num_pending_tokens += 1
+                request.future_slot = chunk_slot
+            self.kv.commit(request)
+
+    def resolve(self, plan: SchedulePlan, sampled: Sequence[SampledToken]) -> list[Request]:
+        """Read an advanced plan's sampled values: one per sampling chunk, in chunk order.
+
+        Returns the requests that received a token (some of them now finished).
         """
         now = time.perf_counter()
         touched: list[Request] = []
         samples = iter(sampled)
         for chunk in plan.chunks:
-            request = chunk.request
-            token = next(samples) if chunk.samples else None
-            if request.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += chunk.num_tokens
-            if request.num_output_tokens == 0:
-                request.times.prefill_chunks += 1
-            self.kv.commit(request)
-            if token is None:
+            if not chunk.samples:
                 continue
+            token = next(samples)
+            request = chunk.request
+            if request.is_finished:
+                continue  # aborted or stopped while the step ran: the token is dropped
             request.append_token(token.token_id, token.logprob, now)
             touched.append(request)
+            if request.status is RequestStatus.RUNNING:
+                self.kv.commit(request)
             reason = request.stop_by_token(token.token_id)
             if reason is not None:
                 self.finish(request, reason)
