@@ -269,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a calibration run's report: its serving path (serving_path_ms)",
     )
     parser.add_argument("--render", default=None, help="only re-render this report's markdown (no GPU)")
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        help="an extra `prefixgate engine` flag for every replica (repeatable): --engine-arg=--no-overlap",
+    )
     args = parser.parse_args(argv)
     serving_path = None
     if args.serving_path_from:
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.cuda.get_device_name(0)
         card = args.card or ("h200" if "H200" in device else "h100")
     engine += ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-batched-tokens", str(MAX_BATCHED_TOKENS)]
-    engine += ["--log-level", "warning"]
+    engine += ["--log-level", "warning", *args.engine_arg]
 
     all_traces = traces(args.scale, args.seed, tiny=bool(args.cpu))
     stem = f"gpu-cluster-{len(envs)}x-{'cpu' if args.cpu else card}-{args.shape}"

@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="plan each step only after the last one's tokens are read (default on a GPU: overlap)",
+    )
+    engine.add_argument(
         "--load-format",
         choices=["safetensors", "dummy"],
         default="safetensors",
@@ -138,6 +143,7 @@ def _engine(args: argparse.Namespace) -> int:
                 max_batched_tokens=args.max_batched_tokens,
                 max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching,
+                overlap_scheduling=False if args.no_overlap else None,
                 seed=args.seed,
                 load_format=args.load_format,
             ),
