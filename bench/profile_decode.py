@@ -92,6 +92,33 @@ def main() -> None:
             f"GPU idle between steps ~{max(period - replay, 0.0) * 1e3:.3f} ms "
             f"({(period - replay) / period:.1%})"
         )
+    _kernel_table(engine, prompt)
+
+
+def _kernel_table(engine: EngineCore, prompt: list[int], steps: int = 20) -> None:
+    """GPU time per decode step by kernel (torch.profiler sees the kernels inside graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.overlap = True
+    request = engine.add_request(
+        prompt, SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    )
+    for _ in range(4):  # prefill and the first decodes stay out of the table
+        engine.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.abort(request.request_id)
+    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in rows) / steps
+    print(f"kernels per decode step (batch 1, {steps} steps): {total / 1e3:.3f} ms of GPU time")
+    for e in rows[:18]:
+        per_step = e.device_time_total / steps
+        calls = e.count / steps
+        each = per_step / max(calls, 1e-9)
+        print(f"  {per_step / 1e3:7.3f} ms  {calls:6.1f}x  {each:7.2f} us  {e.key[:90]}")
 
 
 def _engine_step_period(engine: EngineCore, prompt: list[int], overlap: bool, steps: int) -> float:

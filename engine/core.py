@@ -12,7 +12,7 @@ import uuid
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,11 +31,14 @@ from engine.request import FinishReason, Request
 from engine.runner import LaunchedStep, ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulePlan, Scheduler, SchedulerConfig
-from engine.step_log import PlanShape, StepLog, describe_plan
+from engine.step_shape import PlanShape, describe_plan
 from engine.structured import GrammarError, StructuredOutputs
 from engine.weights import LoadedModel, load_model
 from policies.eviction import eviction_policy
 from policies.queue import queue_policy
+
+if TYPE_CHECKING:
+    from engine.step_log import StepLog  # msgspec: only where a log is written
 
 
 class InvalidRequestError(ValueError):

@@ -13,11 +13,11 @@ from __future__ import annotations
 import gzip
 import time
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO
 
 import msgspec
 
-from engine.scheduler import SchedulePlan
+from engine.step_shape import PlanShape
 
 
 class StepRecord(msgspec.Struct, frozen=True):
@@ -29,33 +29,6 @@ class StepRecord(msgspec.Struct, frozen=True):
     decode_kv: int  # keys those rows attend to, summed over rows
     decode_kv_distinct: int  # the same, a KV block shared by several rows counted once
     chunks: list[tuple[int, int]]  # prompt chunks of 2+ tokens: (tokens, cached context before)
-
-
-class PlanShape(NamedTuple):
-    decodes: int
-    decode_kv: int
-    decode_kv_distinct: int
-    chunks: list[tuple[int, int]]
-
-
-def describe_plan(plan: SchedulePlan, block_size: int) -> PlanShape:
-    """What a plan holds, as StepRecord keeps it; taken before the step runs (a request that
-    finishes in it gives its blocks back)."""
-    decodes = decode_kv = 0
-    blocks: set[int] = set()
-    partial = 0  # keys in rows' last, partly filled blocks (not shared: counted per row)
-    chunks: list[tuple[int, int]] = []
-    for chunk in plan.chunks:
-        if chunk.num_tokens > 1:
-            chunks.append((chunk.num_tokens, chunk.start))
-            continue
-        keys = chunk.start + 1
-        decodes += 1
-        decode_kv += keys
-        full = keys // block_size
-        blocks.update(chunk.request.block_ids[:full])
-        partial += keys - full * block_size
-    return PlanShape(decodes, decode_kv, len(blocks) * block_size + partial, chunks)
 
 
 class StepLog:
