@@ -13,7 +13,7 @@ from engine.core import EngineCore, InvalidRequestError
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.weights import load_model
-from testkit.engine import mixed_workload, run_all
+from testkit.engine import mixed_workload, run_all, run_random_with_aborts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -120,29 +120,7 @@ def test_shared_prefix_is_computed_once_for_a_batch_of_agents(tiny_llama: Path) 
 
 def test_random_requests_with_aborts_leave_no_block_behind(tiny_llama: Path) -> None:
     core = make_core(tiny_llama, num_blocks=160, max_batched_tokens=256, max_num_seqs=32)
-    rng = random.Random(3)
-    prefixes = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 60))] for _ in range(10)]
-    live: list[str] = []
-    added = 0
-    while added < 1000 or core.has_unfinished:
-        for _ in range(rng.randrange(0, 12)):
-            if added >= 1000:
-                break
-            prompt = rng.choice(prefixes) + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))]
-            params = SamplingParams(
-                temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randrange(1, 8), seed=rng.randrange(100)
-            )
-            live.append(core.add_request(prompt, params, request_id=f"q{added}").request_id)
-            added += 1
-        for _ in range(rng.randrange(0, 3)):
-            if live:
-                core.abort(live.pop(rng.randrange(len(live))))
-        core.step()
-    core.check_integrity()
-    assert core.pool.num_free + core.tree.num_cached_blocks == core.num_blocks
-    assert core.tree.num_evictable_blocks == core.tree.num_cached_blocks  # no lock left
-    assert core.tree.root.lock_ref == 0
-    assert not core.scheduler.running and not core.scheduler.waiting
+    run_random_with_aborts(core, 1000)
     events = [event for _, event in core.drain_kv_events()]
     assert any(isinstance(event, BlockRemoved) for event in events)  # the pool was small enough to evict
 

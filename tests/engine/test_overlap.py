@@ -17,7 +17,7 @@ from engine.core import EngineCore
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.weights import load_model
-from testkit.engine import mixed_workload, run_all
+from testkit.engine import mixed_workload, run_all, run_random_with_aborts
 
 
 def make_core(folder: Path, overlap: bool, **options: object) -> EngineCore:
@@ -115,28 +115,8 @@ def test_penalties_and_seeds_beside_plain_requests(tiny_llama: Path) -> None:
 
 def test_aborts_while_a_step_is_in_flight_leave_no_block_behind(tiny_llama: Path) -> None:
     core = make_core(tiny_llama, True, num_blocks=160, max_batched_tokens=256, max_num_seqs=32)
-    rng = random.Random(3)
-    prefixes = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 60))] for _ in range(10)]
-    live: list[str] = []
-    added = 0
-    while added < 600 or core.has_unfinished:
-        for _ in range(rng.randrange(0, 12)):
-            if added >= 600:
-                break
-            prompt = rng.choice(prefixes) + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))]
-            params = SamplingParams(
-                temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randrange(1, 8), seed=rng.randrange(100)
-            )
-            live.append(core.add_request(prompt, params, request_id=f"q{added}").request_id)
-            added += 1
-        for _ in range(rng.randrange(0, 3)):
-            if live:
-                core.abort(live.pop(rng.randrange(len(live))))
-        core.step()
-        core.check_integrity()
-    assert core.pool.num_free + core.tree.num_cached_blocks == core.num_blocks
-    assert core.tree.root.lock_ref == 0
-    assert not core.scheduler.running and not core.scheduler.waiting
+    run_random_with_aborts(core, 600, check_every_step=True)
+    assert core.runner.future_rows > 0
 
 
 def test_a_request_at_its_length_limit_is_not_scheduled_past_it(tiny_llama: Path) -> None:
