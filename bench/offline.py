@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         "--kv-fraction", type=float, default=0.45, help="of free GPU memory, leaving room for peers"
     )
     parser.add_argument("--peer-groups", type=int, default=2, help="shared-prefix groups the peer runs")
+    parser.add_argument("--no-skinny", action="store_true", help="cuBLAS for every matmul (engine/skinny.py)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.offline needs an NVIDIA GPU")
@@ -307,11 +308,13 @@ def main(argv: list[str] | None = None) -> None:
         max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens,
         gpu_memory_fraction=args.kv_fraction,
+        skinny_matmuls=not args.no_skinny,
     )
     graphs = engine.runner.graphs
     capture = f"captured in {graphs.capture_seconds:.1f} s" if graphs else "off"
     print(
-        f"engine ready in {time.perf_counter() - started:.1f} s: {engine.describe()}; CUDA graphs {capture}",
+        f"engine ready in {time.perf_counter() - started:.1f} s: {engine.describe()}; CUDA graphs {capture}; "
+        f"skinny matmuls on {', '.join(engine.skinny_matmuls) or 'none'}",
         flush=True,
     )
     warm_up(engine)

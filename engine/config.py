@@ -36,6 +36,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU with the Triton backend)
     # Plan and launch step N+1 while step N runs (default: on a GPU, off on a CPU).
     overlap_scheduling: bool | None = None
+    # Matmuls of <= 16 rows through a GEMV kernel for the weight shapes where it measured
+    # faster than cuBLAS at start (engine/skinny.py; GPU, bf16/fp16 only).
+    skinny_matmuls: bool = True
     # "safetensors": the folder's weights; "dummy": random weights of the folder's config.json
     # shape (vLLM's --load-format dummy), for serving benchmarks of real shapes without a download.
     load_format: str = "safetensors"

@@ -31,6 +31,7 @@ from engine.request import FinishReason, Request
 from engine.runner import LaunchedStep, ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulePlan, Scheduler, SchedulerConfig
+from engine.skinny import use_skinny_matmuls
 from engine.step_shape import PlanShape, describe_plan
 from engine.structured import GrammarError, StructuredOutputs
 from engine.weights import LoadedModel, load_model
@@ -94,6 +95,8 @@ class EngineCore:
                 random_weights=config.load_format == "dummy",
             )
         self.model_config = loaded.config
+        # Before the KV pool is sized and graphs are captured: both see the chosen kernels.
+        self.skinny_matmuls = use_skinny_matmuls(loaded.model) if config.skinny_matmuls else []
         self.model_id = "SmolLM2-135M-Instruct" if is_default_model(config.model) else loaded.path.name
         self.device = next(loaded.model.parameters()).device
         self.dtype = next(loaded.model.parameters()).dtype

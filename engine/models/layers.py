@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.elementwise import TORCH_OPS, ElementwiseOps
+
+
+@dataclass(frozen=True)
+class SkinnyMatmul:
+    """A kernel for matmuls of at most `max_rows` rows: (x, weight, bias, silu_mul) -> y."""
+
+    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
+    max_rows: int
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose calls of a few rows go to a skinny-matmul kernel when one is set.
+
+    engine/skinny.py sets it, on a GPU, for the weight shapes where the kernel measured
+    faster than cuBLAS; everywhere else this is nn.Linear (same parameters, same names).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.skinny: SkinnyMatmul | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skinny = self.skinny
+        if skinny is not None and x.dim() == 2 and x.shape[0] <= skinny.max_rows:
+            return skinny.kernel(x, self.weight, self.bias, False)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

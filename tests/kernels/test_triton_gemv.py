@@ -1,0 +1,73 @@
+"""The skinny-matmul kernel against F.linear, and the engine's Linear switching to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.elementwise_ref import silu_and_mul_ref
+
+pytestmark = pytest.mark.gpu
+triton_gemv = pytest.importorskip("kernels.triton_gemv")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 8, 16])
+@pytest.mark.parametrize(
+    "n, k", [(6144, 4096), (4096, 4096), (100, 72), (2048, 1536), (33, 1000), (151936, 64)]
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_linear(dtype: torch.dtype, rows: int, n: int, k: int, with_bias: bool) -> None:
+    x = torch.randn(rows, k, dtype=dtype, device="cuda")
+    weight = torch.randn(n, k, dtype=dtype, device="cuda") * k**-0.5
+    bias = torch.randn(n, dtype=dtype, device="cuda") if with_bias else None
+    out = triton_gemv.gemv(x, weight, bias)
+    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    assert out.shape == (rows, n) and out.dtype == dtype
+    if rows:
+        assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("n, k", [(4096, 14336), (1536, 8960), (64, 300)])
+def test_gemv_folds_the_activation_in(rows: int, n: int, k: int) -> None:
+    gate_up = torch.randn(rows, 2 * k, dtype=torch.bfloat16, device="cuda") * 2
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k**-0.5
+    out = triton_gemv.gemv(gate_up, weight, silu_mul=True)
+    ref = F.linear(silu_and_mul_ref(gate_up).float(), weight.float())
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_gemv_refuses_what_it_cannot_take() -> None:
+    weight = torch.randn(64, 32, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        triton_gemv.gemv(torch.randn(17, 32, dtype=torch.bfloat16, device="cuda"), weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_gemv.gemv(torch.randn(2, 33, dtype=torch.bfloat16, device="cuda"), weight)
+
+
+def test_engine_linear_takes_the_kernel_for_few_rows_only(tiny_model_dir) -> None:
+    from engine.models.layers import SkinnyMatmul
+    from engine.skinny import use_skinny_matmuls
+    from engine.weights import load_model
+
+    model = load_model(tiny_model_dir("llama"), dtype=torch.bfloat16, device="cuda").model
+    chosen = use_skinny_matmuls(model)  # whatever was measured faster on this card
+    assert set(chosen) <= {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    calls: list[int] = []
+
+    def counting(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, silu: bool) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return triton_gemv.gemv(x, w, b, silu)
+
+    layer = model.model.layers[0].self_attn.o_proj
+    layer.skinny = SkinnyMatmul(counting, 16)
+    for rows in (1, 16, 17):
+        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16, device="cuda")
+        assert relative_error(layer(x), F.linear(x.float(), layer.weight.float())) < 1e-2
+    assert calls == [1, 16]  # 17 rows went to cuBLAS
