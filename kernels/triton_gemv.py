@@ -27,7 +27,8 @@ import triton.language as tl
 GEMV_MAX_ROWS = 16
 
 
-@triton.jit
+# M is not specialised: a graph bucket per batch size would each compile a variant (~1 s).
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
