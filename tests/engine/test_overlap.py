@@ -132,3 +132,21 @@ def test_a_request_at_its_length_limit_is_not_scheduled_past_it(tiny_llama: Path
         rows += plan_rows
     assert request.finish_reason is FinishReason.LENGTH and len(request.output_token_ids) == 3
     assert core.stats.steps == 3  # prefill (samples 1), two decodes (2, 3); none for a 4th
+
+
+def test_logprobs_come_back_with_their_tokens(tiny_llama: Path) -> None:
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(5, 30))] for _ in range(6)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True, logprobs=i % 3 or None)
+        for i in range(6)
+    ]
+    results = []
+    for overlap in (False, True):
+        core = make_core(tiny_llama, overlap, num_blocks=256)
+        requests = [core.add_request(p, s) for p, s in zip(prompts, params, strict=True)]
+        while core.has_unfinished:
+            core.step()
+        results.append([(r.output_token_ids, r.logprobs) for r in requests])
+    assert results[0] == results[1]
+    assert all(len(lp) == 7 for (_, lp), p in zip(results[1], params, strict=True) if p.logprobs)
