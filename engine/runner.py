@@ -55,10 +55,6 @@ class ModelRunner:
         self.num_launches = 0
         self.future_rows = 0  # rows whose input token was read from the device's table
 
-    def execute(self, plan: SchedulePlan, grammar_mask: PendingMask | None = None) -> list[SampledToken]:
-        """Launch the plan and wait for its sampled tokens."""
-        return self.launch(plan, grammar_mask).sampled()
-
     @torch.inference_mode()
     def launch(self, plan: SchedulePlan, grammar_mask: PendingMask | None = None) -> LaunchedStep:
         """Queue one forward pass over the plan's chunks and the sampling of its sampling chunks.
@@ -178,7 +174,6 @@ class LaunchedStep:
 
     def __init__(self, out: SamplerOutput | None, wanted: list[int | None], first_slot: int) -> None:
         self.first_slot = first_slot
-        self.num_sampled = len(wanted)
         self._wanted = wanted
         self._ready: torch.cuda.Event | None = None
         self._out = out

@@ -2,9 +2,10 @@
 
 At batch 1-16 every projection of a decode step is bound by reading its weight once, and
 which kernel reads a given shape fastest depends on the card (kernels/triton_gemv.py: on an
-H200 the GEMV wins on an 8B model's o_proj, down and LM head and ties on the rest). So the
-engine times both, in CUDA graphs on the model's own weights, once at start, per shape: a few
-seconds, against a decode step that then runs at batch <= 16 for as long as the replica lives.
+H200, for an 8B model, the GEMV was chosen for o_proj and the LM head, qkv went either way,
+and cuBLAS kept gate_up and down). So the engine times both, in CUDA graphs on the model's own
+weights, once at start, per shape: about a second, against decode steps that then run at
+batch <= 16 for as long as the replica lives.
 """
 
 from __future__ import annotations
