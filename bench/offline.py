@@ -210,6 +210,15 @@ def sharegpt_like(engine: EngineCore, count: int = 500) -> Result:
     _add_sharegpt_requests(engine, count, seed=3)
     other_seconds = run_to_completion(engine)
     engine.overlap = default
+    # And once more without the piecewise graphs (mixed steps past the two-replay split eager).
+    extra: dict[str, float] = {}
+    piecewise, engine.runner.piecewise = engine.runner.piecewise, None
+    if piecewise is not None:
+        if engine.tree is not None:
+            engine.tree.clear()
+        _add_sharegpt_requests(engine, count, seed=3)
+        extra["req_per_s_piecewise_off"] = count / run_to_completion(engine)
+        engine.runner.piecewise = piecewise
     return Result(
         "sharegpt_like",
         "requests/s",
@@ -224,6 +233,7 @@ def sharegpt_like(engine: EngineCore, count: int = 500) -> Result:
             "mean_input": sum(inputs) / count,
             "mean_output": sum(outputs) / count,
             "output_tok_per_s": sum(outputs) / seconds,
+            **extra,
         },
     )
 
@@ -312,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     graphs = engine.runner.graphs
     capture = f"captured in {graphs.capture_seconds:.1f} s" if graphs else "off"
+    if engine.runner.piecewise is not None:
+        capture += f" (+ piecewise, {engine.runner.piecewise.capture_seconds:.1f} s)"
     print(
         f"engine ready in {time.perf_counter() - started:.1f} s: {engine.describe()}; CUDA graphs {capture}; "
         f"skinny matmuls on {', '.join(engine.skinny_matmuls) or 'none'}",

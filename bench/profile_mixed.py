@@ -2,20 +2,19 @@
 
     python -m bench.profile_mixed --shape llama3-8b
 
-The engine replays CUDA graphs for decode-only steps and for one-sequence chunks under 512
+The engine replays one CUDA graph for decode-only steps and for one-sequence chunks under 512
 tokens; a step that holds both (an agent's next turn arriving while others decode, the
-common case on a busy replica) has no graph of its own: it runs as the two replays one
-after the other (engine/runner.py), or eagerly when the chunk is longer. The routing
-simulator's latency model (bench/simulator/latency.py) is fitted on offline scenarios that
-are either graph steps or large GPU-bound batches, so this measures what it never saw. For D
-running decodes (each on `--context` tokens) and a fresh chunk of n tokens, medians of
-engine.step():
+common case on a busy replica) runs as piecewise graphs with eager attention between them
+(engine/piecewise_graphs.py) up to 2,048 tokens, or eagerly above. The routing simulator's
+latency model (bench/simulator/latency.py) is fitted on offline scenarios that are either
+graph steps or large GPU-bound batches, so this measures what it never saw. For D running
+decodes (each on `--context` tokens) and a fresh chunk of n tokens, medians of engine.step():
 
 - decode only (graph), the decode-only batch with graphs switched off (eager), both in one
-  step as the engine runs it (a decode graph and a chunk graph when n < 512, eager above)
-  and the same step with graphs switched off;
-- for eager steps, the host time to launch the forward (the call's return, no sync) and its
-  GPU time (CUDA events): a step whose launch time matches its GPU time is host-bound;
+  step as the engine runs it, and the same step with graphs switched off (eager);
+- for piecewise and eager steps, the host time to launch the forward (the call's return, no
+  sync) and its GPU time (CUDA events): a step whose launch time matches its GPU time is
+  host-bound;
 - the latency model's step time for the same work, and its error.
 """
 
@@ -34,20 +33,22 @@ import torch
 from bench.offline import build_engine
 from bench.shapes import SHAPES
 from bench.simulator.latency import CARDS, LatencyModel
-from bench.simulator.step_cost import GRAPH_CHUNK_TOKENS
+from bench.simulator.step_cost import step_ms
 from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
 
 
 class ForwardClock:
-    """Launch (host) time and GPU time of the eager forwards inside the timed steps."""
+    """Launch (host) time and GPU time of the forwards inside the timed steps: the model's eager
+    forward, or `owner.method` (the piecewise graphs' run)."""
 
-    def __init__(self, engine: EngineCore) -> None:
-        self.model = engine.runner.model
+    def __init__(self, engine: EngineCore, owner: Any = None, method: str = "forward") -> None:
+        self.model = owner if owner is not None else engine.runner.model
+        self.method = method
         self.cuda = engine.device.type == "cuda"
         self.launch_s: list[float] = []
         self.events: list[tuple[Any, Any]] = []
-        self._forward = self.model.forward
+        self._forward = getattr(self.model, method)
 
     def __enter__(self) -> ForwardClock:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -63,11 +64,11 @@ class ForwardClock:
                 self.events.append((begin, end))
             return out
 
-        self.model.forward = timed  # type: ignore[method-assign]
+        setattr(self.model, self.method, timed)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.model.forward  # back to the class's method
+        delattr(self.model, self.method)  # back to the class's method
 
     def medians_ms(self) -> tuple[float, float]:
         if not self.launch_s:
@@ -129,23 +130,30 @@ class Bench:
         """(step ms, forward launch ms, forward GPU ms) with graphs switched off."""
         runner = self.engine.runner
         graphs, runner.graphs = runner.graphs, None
+        piecewise, runner.piecewise = runner.piecewise, None
         try:
             with ForwardClock(self.engine) as clock:
                 step = measure()
             launch, gpu = clock.medians_ms()
         finally:
-            runner.graphs = graphs
+            runner.graphs, runner.piecewise = graphs, piecewise
+        return step * 1e3, launch, gpu
+
+    def as_run(self, measure: Callable[[], float]) -> tuple[float, float, float]:
+        """(step ms, launch ms, GPU ms) as the engine runs the step; launch and GPU time are
+        the piecewise graphs' forward (zeros when the steps ran otherwise)."""
+        runner = self.engine.runner
+        if runner.piecewise is None:
+            return measure() * 1e3, 0.0, 0.0
+        with ForwardClock(self.engine, runner.piecewise, "run") as clock:
+            step = measure()
+        launch, gpu = clock.medians_ms()
         return step * 1e3, launch, gpu
 
 
 def predicted_ms(model: LatencyModel, decodes: int, context: int, chunk: int) -> float:
-    return model.step_ms(
-        tokens=decodes + chunk,
-        sequences=decodes + (1 if chunk else 0),
-        context_pairs=0.0,
-        self_pairs=chunk * chunk / 2,
-        decode_context=decodes * context,
-    )
+    """The latency model's price of the step as the engine runs it (bench/simulator/step_cost.py)."""
+    return step_ms(model, decodes, decodes * context, [(chunk, 0)] if chunk > 1 else [])
 
 
 def _engine(args: argparse.Namespace, memory_fraction: float) -> EngineCore:
@@ -158,20 +166,17 @@ def _engine(args: argparse.Namespace, memory_fraction: float) -> EngineCore:
     return build_engine(args.shape, torch.device(args.device), overrides=overrides, **options)
 
 
-def _how(engine: EngineCore, split: bool, decodes: int, chunk: int) -> str:
-    if split:
-        return "two graphs"
-    graph = engine.runner.graphs is not None and not decodes and chunk < GRAPH_CHUNK_TOKENS
-    return "graph" if graph else "eager"
-
-
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = _engine(args, memory_fraction=0.5)
     gpu = engine.device.type == "cuda"
     model = CARDS["h200" if gpu and "H200" in torch.cuda.get_device_name(engine.device) else "h100"]
-    if args.split_max_decodes is not None:
-        engine.runner.split_max_decodes = args.split_max_decodes
     bench = Bench(engine, args.context, args.repeat)
+    if engine.runner.piecewise is not None:
+        pieces = engine.runner.piecewise
+        print(
+            f"piecewise graphs: {len(pieces.buckets)} buckets to {pieces.max_tokens} tokens, "
+            f"captured in {pieces.capture_seconds:.1f} s"
+        )
     rows = []
     capacity = engine.num_blocks * engine.block_size
     for decodes in args.decodes:
@@ -184,9 +189,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for chunk in args.chunks:
             graph_decode = bench.decode_steps() * 1e3 if decodes else 0.0
             eager_decode = bench.eager(bench.decode_steps) if decodes else (0.0, 0.0, 0.0)
-            split_before = engine.runner.split_steps
-            mixed = bench.chunk_steps(chunk) * 1e3  # graphs on: two replays when they can
-            split = engine.runner.split_steps > split_before
+            mixed, pieces_launch, pieces_gpu = bench.as_run(functools.partial(bench.chunk_steps, chunk))
+            how = engine.runner.last_step_kind
             mixed_eager, mixed_launch, mixed_gpu = bench.eager(functools.partial(bench.chunk_steps, chunk))
             rows.append(
                 {
@@ -197,16 +201,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "decode_eager_launch_ms": eager_decode[1],
                     "decode_eager_gpu_ms": eager_decode[2],
                     "step_ms": mixed,
-                    "step_how": _how(engine, split, decodes, chunk),
+                    "step_how": how,
+                    "step_piecewise_launch_ms": pieces_launch,
+                    "step_piecewise_gpu_ms": pieces_gpu,
                     "step_eager_ms": mixed_eager,
                     "step_eager_launch_ms": mixed_launch,
                     "step_eager_gpu_ms": mixed_gpu,
-                    "model_ms": (  # the latency model, for the step as the engine ran it
-                        predicted_ms(model, decodes, args.context, 0)
-                        + predicted_ms(model, 0, args.context, chunk)
-                        if split
-                        else predicted_ms(model, decodes, args.context, chunk)
-                    ),
+                    "model_ms": predicted_ms(model, decodes, args.context, chunk),
                 }
             )
             print(_row(rows[-1]), flush=True)
@@ -221,7 +222,8 @@ def _row(r: dict[str, Any]) -> str:
     return (
         f"| {r['decodes']} | {r['chunk']} | {r['decode_graph_ms']:.2f} | {r['decode_eager_ms']:.2f} "
         f"({r['decode_eager_launch_ms']:.2f} / {r['decode_eager_gpu_ms']:.2f}) | {r['step_ms']:.2f} "
-        f"({r['step_how']}) | {r['step_eager_ms']:.2f} ({r['step_eager_launch_ms']:.2f} / "
+        f"({r['step_how']}; {r['step_piecewise_launch_ms']:.2f} / "
+        f"{r['step_piecewise_gpu_ms']:.2f}) | {r['step_eager_ms']:.2f} ({r['step_eager_launch_ms']:.2f} / "
         f"{r['step_eager_gpu_ms']:.2f}) | {r['model_ms']:.2f} ({error:+.0f}%) |"
     )
 
@@ -235,21 +237,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[32, 128, 480, 2048])
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens of each running decode")
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument(
-        "--split-max-decodes", type=int, default=None, help="override the runner's limit for two replays"
-    )
     parser.add_argument("--cprofile", action="store_true", help="then profile the host side of eager steps")
+    parser.add_argument(
+        "--kernels", action="store_true", help="then a torch.profiler table of piecewise steps (first values)"
+    )
     args = parser.parse_args(argv)
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(f"card {card}, shape {args.shape}, decodes on {args.context}-token prompts; medians, ms")
     print(
         "| decodes | chunk | decode step (graph) | decode step eager (launch / GPU) "
-        "| decodes + chunk step (how) | the same step eager (launch / GPU) | latency model (error) |"
+        "| decodes + chunk step (how; piecewise launch / GPU) "
+        "| the same step eager (launch / GPU) | latency model (error) |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     run(args)
     if args.cprofile:
         host_profile(args)
+    if args.kernels:
+        kernel_profile(args)
+
+
+def kernel_profile(args: argparse.Namespace) -> None:
+    """GPU and host time by op of piecewise steps of the first --decodes and --chunks values."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = _engine(args, memory_fraction=0.3)
+    bench = Bench(engine, args.context, args.repeat, seed=2)
+    running = bench.start_decodes(args.decodes[0])
+    bench.chunk_steps(args.chunks[0])  # warm-up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bench.chunk_steps(args.chunks[0])
+    bench.stop(running)
+    print(
+        f"torch.profiler, {args.repeat} steps of {args.decodes[0]} decodes + a {args.chunks[0]}-token chunk"
+    )
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20))
 
 
 def host_profile(args: argparse.Namespace) -> None:

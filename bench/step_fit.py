@@ -23,12 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from bench.simulator.config import ReplicaConfig
+from bench.simulator.config import PIECEWISE_ENGINE, SPLIT_ENGINE, StepRules
 from bench.simulator.latency import CARDS, LatencyModel
 from bench.simulator.step_cost import step_kind, step_ms
 from engine.step_log import StepRecord, read_step_log
 
-SPLIT = ReplicaConfig().split_max_decodes  # the engine's SPLIT_MAX_DECODES
+
+def rules_of(records: list[StepRecord]) -> StepRules:
+    """The runner's rules when the logs were written: engines before piecewise graphs logged
+    "split" steps and never "piecewise" ones."""
+    return SPLIT_ENGINE if not any(r.kind == "piecewise" for r in records) else PIECEWISE_ENGINE
 
 
 @dataclass
@@ -39,11 +43,11 @@ class Priced:
     per_row_ms: float  # predicted, every row's keys read
 
 
-def price(records: list[StepRecord], run: str, latency: LatencyModel, split_max: int) -> list[Priced]:
+def price(records: list[StepRecord], run: str, latency: LatencyModel, rules: StepRules) -> list[Priced]:
     out = []
     for r in records:
-        dedup = step_ms(latency, r.decodes, r.decode_kv_distinct, r.chunks, split_max)
-        per_row = step_ms(latency, r.decodes, r.decode_kv, r.chunks, split_max)
+        dedup = step_ms(latency, r.decodes, r.decode_kv_distinct, r.chunks, rules)
+        per_row = step_ms(latency, r.decodes, r.decode_kv, r.chunks, rules)
         out.append(Priced(r, run, dedup, per_row))
     return out
 
@@ -62,7 +66,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summary_table(priced: list[Priced]) -> str:
+def summary_table(priced: list[Priced], rules: StepRules) -> str:
     lines = [
         "| run | kind | steps | share of time | measured ms | predicted ms (shared KV once) "
         "| predicted ms (per row) | kind rule agrees |",
@@ -79,7 +83,7 @@ def summary_table(priced: list[Priced]) -> str:
         groups["all"] = steps
         for kind, group in groups.items():
             agree = _mean(
-                [float(step_kind(p.record.decodes, p.record.chunks, SPLIT) == p.record.kind) for p in group]
+                [float(step_kind(p.record.decodes, p.record.chunks, rules) == p.record.kind) for p in group]
             )
             lines.append(
                 f"| {run} | {kind} | {len(group)} | {sum(p.record.step_s for p in group) / total:.0%} "
@@ -101,8 +105,8 @@ def decode_fit(priced: list[Priced], latency: LatencyModel) -> str:
     y = np.array([r.step_s * 1e3 for r in steps])
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     fitted = x @ coef
-    once = np.array([step_ms(latency, r.decodes, r.decode_kv_distinct, (), SPLIT) for r in steps])
-    per_row = np.array([step_ms(latency, r.decodes, r.decode_kv, (), SPLIT) for r in steps])
+    once = np.array([step_ms(latency, r.decodes, r.decode_kv_distinct, ()) for r in steps])
+    per_row = np.array([step_ms(latency, r.decodes, r.decode_kv, ()) for r in steps])
 
     def error(predicted: np.ndarray) -> str:
         return f"{np.median(np.abs(predicted - y) / y):.1%} | {np.mean(predicted - y):+.2f}"
@@ -139,15 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     if not report.get("step_logs"):
         parser.error(f"{path} has no step logs (run bench.gpu_cluster with --step-logs)")
     latency = CARDS[args.card or report["card_model"]]
-    priced = [
-        p
-        for run, records in runs_of(report, path.parent).items()
-        for p in price(records, run, latency, SPLIT)
-    ]
+    runs = runs_of(report, path.parent)
+    rules = rules_of([r for records in runs.values() for r in records])
+    priced = [p for run, records in runs.items() for p in price(records, run, latency, rules)]
     text = "\n\n".join(
         [
             f"Steps of {path.name} ({report['device']}), priced with the {latency.card} latency model.",
-            summary_table(priced),
+            summary_table(priced, rules),
             decode_fit(priced, latency),
         ]
     )

@@ -34,6 +34,9 @@ class EngineConfig:
     eviction_policy: str = "lru"
     seed: int = 0
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU with the Triton backend)
+    # With cuda_graphs: other steps up to 2,048 tokens as graph pieces between eager attention
+    # calls (engine/piecewise_graphs.py).
+    piecewise_graphs: bool = True
     # Plan and launch step N+1 while step N runs (default: on a GPU, off on a CPU).
     overlap_scheduling: bool | None = None
     # Matmuls of <= 16 rows through a GEMV kernel for the weight shapes where it measured

@@ -27,6 +27,7 @@ from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from engine.kv_cache import allocate_kv_caches, blocks_for_memory
 from engine.kv_manager import KVCacheManager
 from engine.model_store import is_default_model, resolve_model
+from engine.piecewise_graphs import PiecewiseGraphs
 from engine.request import FinishReason, Request
 from engine.runner import LaunchedStep, ModelRunner
 from engine.sampling_params import SamplingParams
@@ -129,7 +130,7 @@ class EngineCore:
         kv_caches = allocate_kv_caches(
             self.model_config, self.num_blocks + scratch, self.block_size, self.dtype, self.device
         )
-        graphs = None
+        graphs = piecewise = None
         if use_graphs:
             graphs = DecodeGraphs(
                 loaded.model,
@@ -140,7 +141,17 @@ class EngineCore:
                 scratch_block=self.num_blocks,
             )
             graphs.capture()
-        self.runner = ModelRunner(loaded.model, kv_caches, self.block_size, graphs, config.max_num_seqs)
+        if use_graphs and config.piecewise_graphs:
+            piecewise = PiecewiseGraphs(
+                loaded.model,
+                kv_caches,
+                max_tokens=config.max_batched_tokens,
+                scratch_slot=self.num_blocks * self.block_size,
+            )
+            piecewise.capture()
+        self.runner = ModelRunner(
+            loaded.model, kv_caches, self.block_size, graphs, config.max_num_seqs, piecewise
+        )
         # Plan step N+1 while the GPU runs step N; off on a CPU, where nothing runs meanwhile.
         self.overlap = (
             config.overlap_scheduling if config.overlap_scheduling is not None else self.device.type == "cuda"

@@ -156,15 +156,6 @@ class DecodeGraphs:
             and metadata.query_lens_host[0] < self.prefill_buckets[-1]
         )
 
-    def takes_split(self, num_decodes: int, chunk_tokens: int) -> bool:
-        """Whether a decode graph and a chunk graph can run these (see ModelRunner's split)."""
-        return (
-            bool(self._graphs)
-            and bool(self._prefill_graphs)
-            and num_decodes <= self.buckets[-1]
-            and chunk_tokens < self.prefill_buckets[-1]
-        )
-
     def run_any(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the rows that sample: every decode row, or the chunk's last token."""
         if batch.metadata.is_pure_decode:

@@ -14,19 +14,14 @@ import dataclasses
 
 import torch
 
-from engine.batch import ForwardBatch, SequenceChunk, build_forward_batch, to_device
+from engine.batch import ForwardBatch, SequenceChunk, build_forward_batch
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.decoder import CausalLM
+from engine.piecewise_graphs import PiecewiseGraphs
 from engine.request import TokenLogprob
 from engine.sampler import Sampler, SamplerOutput, SamplingInputs
 from engine.scheduler import SampledToken, SchedulePlan
 from engine.structured.outputs import PendingMask
-
-# Above this many decodes the mixed step's eager forward is GPU-bound (its ~12-20 ms of launches
-# hide behind the decodes' KV reads), and a second replay would only read the weights again.
-# At 4-64 decodes beside a chunk under 512 tokens the two replays took 11-24 ms against 13-36
-# ms eager on an H200 (bench/profile_mixed.py).
-SPLIT_MAX_DECODES = 64
 
 
 class ModelRunner:
@@ -37,17 +32,17 @@ class ModelRunner:
         block_size: int,
         graphs: DecodeGraphs | None = None,
         max_rows: int = 256,
+        piecewise: PiecewiseGraphs | None = None,
     ) -> None:
         self.model = model
         self.graphs = graphs
+        self.piecewise = piecewise
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler()
-        self.split_steps = 0  # mixed steps run as a decode graph and a chunk graph
-        self.split_max_decodes = SPLIT_MAX_DECODES
-        self.last_step_kind = ""  # how the last plan ran: "graph", "split" or "eager"
+        self.last_step_kind = ""  # how the last plan ran: "graph", "piecewise" or "eager"
         # Sampled ids of the last two launches, by slot: step N reads step N-1's half while
         # it writes its own, and the host has read step N-2's before step N is planned.
         self.max_rows = max_rows
@@ -78,23 +73,23 @@ class ModelRunner:
             chunks.append(SequenceChunk(token_ids, c.start, request.block_ids, c.samples))
         first_slot = (self.num_launches % 2) * self.max_rows
         self.num_launches += 1
-        graphs = self.graphs
-        split = self._two_graph_replays(chunks, graphs, placeholders) if graphs is not None else None
-        if split is not None:
-            logits, sampled_chunks = split
-            self.last_step_kind = "split"
+        batch = self._batch(chunks, placeholders)
+        sampled_chunks = batch.sampled_chunks
+        graphs, piecewise = self.graphs, self.piecewise
+        if graphs is not None and graphs.supports(batch):
+            # Decodes alone, or one short chunk alone: one replay, logits included.
+            logits = graphs.run_any(batch)
+            self.last_step_kind = "graph"
         else:
-            batch = self._batch(chunks, placeholders)
-            sampled_chunks = batch.sampled_chunks
-            if graphs is not None and graphs.supports(batch):
-                logits = graphs.run_any(batch)
-                self.last_step_kind = "graph"
+            if piecewise is not None and piecewise.supports(batch):
+                # Anything else up to the largest bucket (decodes beside new prompts, several
+                # prompts): graph pieces with eager attention between them.
+                self.last_step_kind = "piecewise"
+                hidden = piecewise.run(batch)
             else:
                 self.last_step_kind = "eager"
                 hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
-                logits = (
-                    None if not sampled_chunks else self.model.compute_logits(hidden[batch.logits_indices])
-                )
+            logits = None if not sampled_chunks else self.model.compute_logits(hidden[batch.logits_indices])
         if not sampled_chunks:
             return LaunchedStep(None, [], first_slot)
         assert logits is not None
@@ -121,52 +116,6 @@ class ModelRunner:
         ids = batch.input_ids
         from_device = self.future_tokens[(-1 - ids).clamp_(min=0)]
         return dataclasses.replace(batch, input_ids=torch.where(ids >= 0, ids, from_device))
-
-    def _two_graph_replays(
-        self, chunks: list[SequenceChunk], graphs: DecodeGraphs, placeholders: bool
-    ) -> tuple[torch.Tensor | None, tuple[int, ...]] | None:
-        """Decodes beside one short prompt chunk, run as a decode graph and a chunk graph.
-
-        Such a step (a new turn arriving while others decode: the usual step of a busy agent
-        replica) has no graph of its own, and its eager forward is host-bound: ~230 Triton
-        launches and ~130 matmul calls took 12-35 ms of launch time on H200 hosts, while the
-        two replays together, which read the weights twice, took 11-24 ms for 4-64 decodes
-        beside a 32-480 token chunk (bench/profile_mixed.py). The sequences are independent,
-        so the split changes no result. Returns (logits of the sampling chunks, their
-        indices), or None to run the step eagerly.
-        """
-        long = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) > 1]
-        if len(long) != 1 or len(chunks) == 1:
-            return None
-        prompt_index = long[0]
-        if len(chunks) - 1 > self.split_max_decodes:
-            return None
-        if not graphs.takes_split(len(chunks) - 1, len(chunks[prompt_index].token_ids)):
-            return None
-        decode_indices = [i for i in range(len(chunks)) if i != prompt_index]
-        decodes = self._batch([chunks[i] for i in decode_indices], placeholders)
-        prompt = build_forward_batch([chunks[prompt_index]], self.block_size, self.device)
-        if not (graphs.supports(decodes) and graphs.supports(prompt)):
-            return None
-        self.split_steps += 1
-        rows: list[torch.Tensor] = []
-        order = [decode_indices[i] for i in decodes.sampled_chunks]
-        decode_logits = graphs.run(decodes)
-        if order:
-            # A copy: the chunk graph's replay may reuse the memory the decode graph's output sits in.
-            rows.append(decode_logits.clone())
-        prompt_logits = graphs.run_prefill(prompt)  # runs even when it does not sample: it writes KV
-        if prompt.sampled_chunks:
-            rows.append(prompt_logits)
-            order.append(prompt_index)
-        if not order:
-            return None, ()
-        logits = rows[0] if len(rows) == 1 else torch.cat(rows)
-        if order != sorted(order):  # the sampler takes rows in chunk order
-            permutation = sorted(range(len(order)), key=order.__getitem__)
-            logits = logits[to_device(torch.tensor(permutation), logits.device)]
-            order.sort()
-        return logits, tuple(order)
 
 
 class LaunchedStep:

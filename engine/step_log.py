@@ -24,7 +24,9 @@ class StepRecord(msgspec.Struct, frozen=True):
     t: float  # wall clock (time.time()) at the step's end: runs are told apart by it
     step_s: float  # the whole step: schedule, forward, sampling, bookkeeping
     execute_s: float  # the runner's part: forward and sampling, up to the sampled ids on the host
-    kind: str  # how the runner ran it: "graph", "split" (decode graph + chunk graph) or "eager"
+    # How the runner ran it: "graph", "piecewise" or "eager"; logs from before piecewise graphs
+    # (2026-11-29) also hold "split" (a decode graph, then a chunk graph).
+    kind: str
     decodes: int  # one-token chunks (decode rows, and prompt chunks cut down to one token)
     decode_kv: int  # keys those rows attend to, summed over rows
     decode_kv_distinct: int  # the same, a KV block shared by several rows counted once

@@ -1,8 +1,8 @@
 """Requests a replica runs before it reports ready, so that no served request pays a compile.
 
 Every engine warms up with one short request through the whole path (shorter than a block, so
-nothing is cached). On a GPU the eager forward's Triton kernels also compile per variant of
-their compile-time constants on first use: extend attention's narrow and wide tiles, each
+nothing is cached). On a GPU, extend attention (run eagerly, between piecewise graphs) also
+compiles per variant of its compile-time constants on first use: narrow and wide tiles, each
 unsplit and split across the keys. Served, each first use stalled a step for ~1-1.6 s (the
 step logs of a 2-GPU run, bench.step_fit), and every request queued behind it waited too. So
 on a GPU four small batches run first, one per variant; their blocks are then dropped from
@@ -36,8 +36,8 @@ def warm_up(core: EngineCore, kernel_variants: bool | None = None) -> None:
     ids = _Ids(core.model_config.vocab_size)
     cached = 512  # 32 blocks of 16: a context the split kernel takes (2 x 256 keys or more)
     prefix = ids.take(cached + 128)
-    _run(core, [prefix])  # a chunk past the chunk graphs' largest bucket: eager, wide tiles
-    _run(core, [ids.take(20), ids.take(20)])  # two short chunks: eager, narrow tiles
+    _run(core, [prefix])  # a chunk past the chunk graphs' largest bucket: wide tiles
+    _run(core, [ids.take(20), ids.take(20)])  # two short chunks: narrow tiles
     _run(core, [prefix[:cached] + ids.take(300), ids.take(20)])  # over a cached context: split, wide
     _run(core, [prefix[:cached] + ids.take(50), ids.take(20)])  # split, narrow
     if core.tree is not None:

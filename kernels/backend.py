@@ -11,18 +11,27 @@ from kernels.metadata import AttentionMetadata
 
 
 class AttentionBackend(Protocol):
+    """Two calls per layer: the store depends only on the token count, so a piecewise CUDA
+    graph can capture it; attention's launch depends on the batch's sequences (engine/
+    piecewise_graphs.py runs it between the graphs)."""
+
     name: str
 
-    def __call__(
+    def store(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Write this step's key/value [T, kv_heads, head_dim] to their slots in kv_cache."""
+        ...
+
+    def attend(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Store this step's key/value in kv_cache, then attend; returns [T, heads, head_dim]."""
+        """Attention of query [T, heads, head_dim] over the stored context; into `out` when given."""
         ...
 
 
@@ -31,17 +40,23 @@ class TorchAttention:
 
     name = "torch"
 
-    def __call__(
+    def store(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        store_kv(key, value, kv_cache, slot_mapping)
+
+    def attend(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        store_kv(key, value, kv_cache, metadata.slot_mapping)
-        return paged_attention_ref(query, kv_cache, metadata, scale)
+        result = paged_attention_ref(query, kv_cache, metadata, scale)
+        if out is None:
+            return result
+        return out.copy_(result)
 
 
 class TritonAttention:
@@ -66,17 +81,21 @@ class TritonAttention:
         self._decode = paged_decode_triton
         self._extend = extend_attention
 
-    def __call__(
+    def store(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        self._store(key, value, kv_cache, slot_mapping)
+
+    def attend(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self._store(key, value, kv_cache, metadata.slot_mapping)
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if out is None:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if metadata.num_seqs == 0:
             return out
         if metadata.is_pure_decode:

@@ -43,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         help="plan each step only after the last one's tokens are read (default on a GPU: overlap)",
     )
     engine.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs (every step launched kernel by kernel)"
+    )
+    engine.add_argument(
+        "--no-piecewise-graphs",
+        action="store_true",
+        help="run steps that are not decode batches or one short chunk eagerly (default: graph pieces)",
+    )
+    engine.add_argument(
         "--load-format",
         choices=["safetensors", "dummy"],
         default="safetensors",
@@ -144,6 +152,8 @@ def _engine(args: argparse.Namespace) -> int:
                 max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching,
                 overlap_scheduling=False if args.no_overlap else None,
+                cuda_graphs=not args.enforce_eager,
+                piecewise_graphs=not args.no_piecewise_graphs,
                 seed=args.seed,
                 load_format=args.load_format,
             ),

@@ -43,9 +43,9 @@ class LatencyModel:
       step leaves after base and tokens is its causal attention, 8,192^2 / 2 pairs.
     - seq_ms: fitted (bisection) so that the ShareGPT-like scenario's requests/s, replayed
       through a simulated replica, equals the measured one.
-    - eager_launch_ms: measured, not fitted: the median host time of eager forwards in
-      bench/profile_mixed.py (the offline scenarios are graph steps or GPU-bound batches, so
-      none of them shows it).
+    - eager_launch_ms, piecewise_launch_ms: measured, not fitted: the median host time of eager
+      and piecewise forwards in bench/profile_mixed.py (the offline scenarios are graph steps
+      or GPU-bound batches, so none of them shows it).
     The shared-prefix scenario (8 x 32 requests on 2,048-token prefixes) is the hold-out check.
     """
 
@@ -60,6 +60,9 @@ class LatencyModel:
     # Host time to launch one eager forward (~230 Triton launches, ~130 matmuls): a step the
     # engine cannot replay from a CUDA graph takes at least this long (SimReplica._step_seconds).
     eager_launch_ms: float = 0.0
+    # Host time to launch a piecewise step (~33 graph replays, 32 attention launches): the floor
+    # of steps the engine runs as piecewise graphs (engine/piecewise_graphs.py).
+    piecewise_launch_ms: float = 0.0
     # Shared KV blocks counted once per step (SimReplica._distinct_kv_tokens says when that
     # fits: the offline shared-prefix batch) or once per row reading them (served batches).
     dedup_shared_kv: bool = True
@@ -98,6 +101,7 @@ H100_80GB = LatencyModel(
     kv_read_ms_per_token=4.34607e-05,
     seq_ms=0.0733757,
     eager_launch_ms=19.1,  # not measured on an H100's host: the H200 hosts' median
+    piecewise_launch_ms=3.3,  # likewise
 )
 
 H200 = LatencyModel(
@@ -115,6 +119,9 @@ H200 = LatencyModel(
     # Median of 60 eager forwards' launch times (quartiles 13.5-22.5 ms) over three H200 hosts,
     # bench/results/profile-mixed*-NVIDIA_H200.txt.
     eager_launch_ms=19.1,
+    # Median of 19 piecewise forwards' launch times (2.3-5.7 ms) on two H200 hosts, 2026-11-29,
+    # bench/results/profile-mixed-piecewise-NVIDIA_H200.txt.
+    piecewise_launch_ms=3.3,
     dedup_shared_kv=False,
 )
 

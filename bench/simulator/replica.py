@@ -220,7 +220,7 @@ class SimReplica:
                 prompts.append((count, request.num_computed_tokens))
         # The middle of a segment stands for all of it: each decode's KV grows by 1 per step.
         decode_kv = self._distinct_kv_tokens(decodes) + len(decodes) * (steps - 1) / 2
-        ms = step_ms(self.latency, len(decodes), decode_kv, prompts, self.config.split_max_decodes)
+        ms = step_ms(self.latency, len(decodes), decode_kv, prompts, self.config.rules)
         return ms / 1000.0
 
     def _distinct_kv_tokens(self, decodes: list[SimRequest]) -> int:

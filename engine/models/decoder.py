@@ -37,13 +37,17 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
-    def forward(
+    def project(
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
+        slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
+        """The query [T, heads, head_dim], once this step's keys and values are rotated and stored.
+
+        Its launches depend only on the token count, so a CUDA graph per token count can hold it.
+        """
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -52,8 +56,21 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = self.rotary(positions, q, k)
-        out = self.backend(q, k, v, kv_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        self.backend.store(k, v, kv_cache, slot_mapping)
+        return q
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention over each sequence's context: its launch depends on the batch's sequences."""
+        return self.backend.attend(query, kv_cache, metadata, self.scale, out)
+
+    def output(self, attn_out: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attn_out.reshape(attn_out.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -91,9 +108,26 @@ class DecoderLayer(nn.Module):
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sublayer output, residual stream); the next norm adds the two, fused with the norm."""
+        query, residual = self.attention_inputs(hidden, residual, positions, kv_cache, metadata.slot_mapping)
+        return self.after_attention(self.self_attn.attend(query, kv_cache, metadata), residual)
+
+    def attention_inputs(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, residual stream): the layer's work before attention, keys and values stored."""
         normed, residual = self.input_layernorm(hidden, residual)
-        attn_out = self.self_attn(normed, positions, kv_cache, metadata)
-        normed, residual = self.post_attention_layernorm(attn_out, residual)
+        return self.self_attn.project(normed, positions, kv_cache, slot_mapping), residual
+
+    def after_attention(
+        self, attn_out: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sublayer output, residual stream) from attention's output [T, heads, head_dim]."""
+        normed, residual = self.post_attention_layernorm(self.self_attn.output(attn_out), residual)
         return self.mlp(normed), residual
 
 

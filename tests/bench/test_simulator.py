@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench.simulator.calibration import derive, served_kv_ms
-from bench.simulator.config import POLICIES, ReplicaConfig
+from bench.simulator.config import EAGER_ENGINE, PIECEWISE_ENGINE, POLICIES, SPLIT_ENGINE, ReplicaConfig
 from bench.simulator.latency import H100_80GB, H200
 from bench.simulator.replica import SimReplica, SimRequest
 from bench.simulator.router import SimGateway, peek_cached_blocks
@@ -305,9 +305,10 @@ def _sim_request(name: str, prompt_len: int, computed: int, generated: int = 0) 
 
 
 def test_step_time_follows_how_the_engine_runs_the_step() -> None:
-    """Graph steps and split steps cost what the model says; an eager step at least its launch."""
+    """Graph and piecewise steps cost what the model says (piecewise over its bucket's padded
+    rows); an eager step at least its launch; an earlier engine's split steps two replays."""
     model = replace(H200, eager_launch_ms=100.0)
-    replica = SimReplica(0, ReplicaConfig(), model)
+    replica = SimReplica(0, ReplicaConfig(max_batched_tokens=4096), model)
 
     def decodes(n: int) -> dict[SimRequest, int]:
         return {_sim_request(f"d{i}", 100, 100, generated=1): 1 for i in range(n)}
@@ -320,11 +321,16 @@ def test_step_time_follows_how_the_engine_runs_the_step() -> None:
     alone = model.step_ms(300, 1, 0.0, 300 * 300 / 2, 0)
     assert ms(three) == pytest.approx(model.step_ms(3, 3, 0.0, 0.0, 300))
     assert ms({short: 300}) == pytest.approx(alone)
-    assert ms({**three, short: 300}) == pytest.approx(model.step_ms(3, 3, 0.0, 0.0, 300) + alone)
-    assert ms({**three, long: 600}) == pytest.approx(100.0)  # past the chunk graphs: eager
-    assert ms({**decodes(65), short: 300}) == pytest.approx(100.0)  # past the split limit
-    unsplit = SimReplica(1, ReplicaConfig(split_max_decodes=0), model)
-    assert ms({**three, short: 300}, unsplit) == pytest.approx(100.0)
+    # 303 tokens run as the 320-token bucket.
+    assert ms({**three, short: 300}) == pytest.approx(model.step_ms(320, 4, 0.0, 300 * 300 / 2, 300))
+    assert ms({**three, long: 600}) == pytest.approx(model.step_ms(640, 4, 0.0, 600 * 600 / 2, 300))
+    big = _sim_request("big", 2100, 0)
+    assert ms({**three, big: 2100}) == pytest.approx(100.0)  # past the largest bucket: eager
+    split = SimReplica(1, ReplicaConfig(rules=SPLIT_ENGINE), model)
+    assert ms({**three, short: 300}, split) == pytest.approx(model.step_ms(3, 3, 0.0, 0.0, 300) + alone)
+    assert ms({**decodes(65), short: 300}, split) == pytest.approx(100.0)  # past the split limit
+    eager = SimReplica(2, ReplicaConfig(rules=EAGER_ENGINE), model)
+    assert ms({**three, short: 300}, eager) == pytest.approx(100.0)
 
 
 def test_cached_context_costs_the_split_kernel_rate_only_in_small_batches() -> None:
@@ -342,7 +348,7 @@ def test_cached_context_costs_the_split_kernel_rate_only_in_small_batches() -> N
     )
 
 
-def test_the_simulated_split_limit_is_the_engine_s() -> None:
-    from engine.runner import SPLIT_MAX_DECODES
+def test_the_simulated_piecewise_limit_is_the_engine_s() -> None:
+    from engine.piecewise_graphs import PIECEWISE_BUCKETS
 
-    assert ReplicaConfig().split_max_decodes == SPLIT_MAX_DECODES
+    assert PIECEWISE_BUCKETS[-1] == PIECEWISE_ENGINE.piecewise_max_tokens

@@ -121,15 +121,16 @@ def _staggered_turns(engine: EngineCore, seed: int) -> dict[str, list[int]]:
     return {r.request_id: r.output_token_ids for r in requests}
 
 
-def test_decodes_beside_one_chunk_replay_two_graphs_and_match_eager(tiny_model_dir) -> None:
+def test_decodes_beside_one_chunk_run_piecewise_and_match_eager(tiny_model_dir) -> None:
     folder: Path = tiny_model_dir("llama")
     outputs, runners = [], []
     for graphs in (False, True):
         engine = _float32_engine(folder, graphs, num_blocks=1024)
         outputs.append(_staggered_turns(engine, seed=7))
         runners.append(engine.runner)
-    assert runners[0].split_steps == 0
-    assert runners[1].split_steps >= 10  # every arrival but the first and the 600-token one
+    assert runners[0].piecewise is None
+    assert runners[1].piecewise is not None
+    assert runners[1].piecewise.runs >= 11  # every arrival but the first, the 600-token one too
     assert outputs[0] == outputs[1]
 
 

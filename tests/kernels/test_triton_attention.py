@@ -127,7 +127,9 @@ def run_backend(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(TritonAttention output on the CPU, float32 reference), after a finiteness check."""
     reference = batch.reference()
     batch.to(DEVICE)
-    out = TritonAttention()(batch.query, batch.key, batch.value, batch.cache, batch.metadata, batch.scale)
+    backend = TritonAttention()
+    backend.store(batch.key, batch.value, batch.cache, batch.metadata.slot_mapping)
+    out = backend.attend(batch.query, batch.cache, batch.metadata, batch.scale)
     out = out.cpu()
     assert torch.isfinite(out).all(), "NaN/inf: a poisoned slot was read or a row left unwritten"
     return out, reference
