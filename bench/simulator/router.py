@@ -1,7 +1,8 @@
 """The gateway's routing path over simulated replicas, and the oracle to compare it with.
 
 `SimGateway.choose` is gateway/pool.py ModelPool.choose line for line: the same prefix index
-(cache/prefix_index.py) fed with the replicas' KV events in sequence order, the same
+(cache/prefix_index.py) fed with the replicas' KV events in sequence order, overlaid with the
+prefixes of the requests routed and not finished (cache/inflight_index.py), the same
 RoutingRequest (prompt hashes from cache/hashing.py, the first four as first_block_hashes,
 the session's last replica) and the same ReplicaSnapshot per replica (in-flight and
 prefill-queued counted at routing time, running/waiting/kv_usage from the last /load poll).
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from bench.simulator.replica import SimReplica, SimRequest
+from cache.inflight_index import InflightPrefixes
 from cache.prefix_index import PrefixIndex
 from cache.radix_tree import RadixCache
 from policies.routing import ReplicaSnapshot, RoutingDecision, RoutingPolicy, RoutingRequest
@@ -63,6 +65,8 @@ class SimGateway:
             self.index.add_replica(load.replica_id, exact=True)
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._uncached: dict[str, int] = {}
+        self.inflight = InflightPrefixes()
+        self._routed_hashes: dict[str, Sequence[int]] = {}
 
     def choose(
         self, request: SimRequest, prompt_hashes: list[int], session_id: str | None, now: float
@@ -70,6 +74,10 @@ class SimGateway:
         if isinstance(self.policy, OracleRouting):
             self.policy.request = request
         matched = self.index.match_all(prompt_hashes, now)
+        for routed_to in self.inflight.replicas():
+            if routed_to in matched:
+                pending = self.inflight.matched_blocks(routed_to, prompt_hashes)
+                matched[routed_to] = max(matched[routed_to], pending)
         session_replica = self._sessions.get(session_id) if session_id is not None else None
         routing = RoutingRequest(
             num_tokens=request.prompt_len,
@@ -92,6 +100,9 @@ class SimGateway:
         self._uncached[request.request_id] = uncached
         load.in_flight += 1
         load.prefill_queued += uncached
+        # As gateway/proxy.py does when it sends the request.
+        self.inflight.add(decision.replica_id, prompt_hashes)
+        self._routed_hashes[request.request_id] = prompt_hashes
         return chosen, decision
 
     # -- what the gateway hears back -----------------------------------------------------
@@ -99,8 +110,10 @@ class SimGateway:
         self.loads[request.replica].prefill_queued -= self._uncached[request.request_id]
 
     def finished(self, request: SimRequest) -> None:
-        self.loads[request.replica].in_flight -= 1
+        load = self.loads[request.replica]
+        load.in_flight -= 1
         del self._uncached[request.request_id]
+        self.inflight.remove(load.replica_id, self._routed_hashes.pop(request.request_id))
 
     def sync_events(self, replica: SimReplica) -> None:
         """Apply the replica's new KV events to its exact index, as registry._follow does."""

@@ -286,6 +286,7 @@ def test_policies_decide_as_the_gateway_does_for_the_same_state(policy: str) -> 
         # The proxy's accounting after a routing decision (gateway/proxy.py).
         route.replica.in_flight += 1
         route.replica.prefill_queued += max(spec.prompt_len - theirs.predicted_cached_tokens, 0)
+        pool.inflight.add(route.replica.url, route.block_hashes)
         decided += 1
     assert decided == 60
 

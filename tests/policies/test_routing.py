@@ -152,13 +152,13 @@ def test_kv_aware_cost_in_token_equivalents() -> None:
     request = req(1024, a=32)  # a: 512 cached
     a = snap("a", in_flight=2, prefill_tokens_queued=100)
     b = snap("b", running=1, waiting=2)
-    assert policy.cost(request, a) == 512 + 2 * 128 + 100
+    assert policy.cost(request, a) == 512 + 2 * 128 + 0.5 * 100  # queued prefill at half weight
     assert policy.cost(request, b) == 1024 + 3 * 128
     decision = policy.choose(request, [b, a])
     assert decision.replica_id == "a"
     assert decision.reason == "cache_hit"
     assert decision.predicted_cached_tokens == 512
-    assert decision.scores == (("a", 868.0), ("b", 1408.0))
+    assert decision.scores == (("a", 818.0), ("b", 1408.0))
 
 
 def test_kv_aware_long_prefix_beats_an_idle_replica_at_moderate_load() -> None:
@@ -176,8 +176,11 @@ def test_kv_aware_load_wins_once_the_gap_outweighs_the_prefix() -> None:
 
 def test_kv_aware_counts_queued_prefill() -> None:
     request = req(1024, a=32, b=32)
-    busy = snap("a", prefill_tokens_queued=4000)
+    busy = snap("a", prefill_tokens_queued=4000)  # 2,000 token-equivalents: > 3 requests (384)
     assert KvAwareRouting().choose(request, [busy, snap("b", in_flight=3)]).replica_id == "b"
+    # A queue worth less than the prefix a holds does not send the request away from it.
+    request = req(3072, a=160)
+    assert KvAwareRouting().choose(request, [snap("a", prefill_tokens_queued=4000), snap("b")]).replica_id == "a"
 
 
 def test_kv_aware_ties_go_to_fewer_in_flight_then_id() -> None:
