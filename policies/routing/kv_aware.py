@@ -47,9 +47,11 @@ somebody's prefix. In the simulator (8 replicas, saturated traces, bench/results
 simulate-queue-weight.md) 0.5 against 1 gave document QA with follow-ups a hit rate of 0.856
 against 0.758 (the TTFT-greedy oracle: 0.844), RAG with follow-ups TTFT p90 405 ms against
 570, single-turn RAG and ReAct agents a little better, a coding-agent trace -1% req/s; 0.25
-helped RAG more but cost the coding agents 6% of throughput in preemptions. session_bias = 256 (two requests' worth of load): the session's
-previous replica wins ties and small load differences, never a large one. kv_usage does not
-enter the cost: a full cache shows up as waiting requests, which already count.
+helped RAG more but cost the coding agents 6% of throughput in preemptions.
+
+session_bias = 256 (two requests' worth of load): the session's previous replica wins ties
+and small load differences, never a large one. kv_usage does not enter the cost: a full cache
+shows up as waiting requests, which already count.
 """
 
 from __future__ import annotations

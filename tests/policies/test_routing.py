@@ -180,7 +180,8 @@ def test_kv_aware_counts_queued_prefill() -> None:
     assert KvAwareRouting().choose(request, [busy, snap("b", in_flight=3)]).replica_id == "b"
     # A queue worth less than the prefix a holds does not send the request away from it.
     request = req(3072, a=160)
-    assert KvAwareRouting().choose(request, [snap("a", prefill_tokens_queued=4000), snap("b")]).replica_id == "a"
+    queued = snap("a", prefill_tokens_queued=4000)
+    assert KvAwareRouting().choose(request, [queued, snap("b")]).replica_id == "a"
 
 
 def test_kv_aware_ties_go_to_fewer_in_flight_then_id() -> None:
