@@ -9,9 +9,9 @@ kernels for any batch of the same token count; attention's launch depends on the
 first layer up to its attention, one graph per layer gap runs from one layer's attention
 output to the next layer's query, and one runs the last layer's tail and the final norm;
 attention runs eagerly between them on the real tokens only. A step of T tokens runs the
-bucket's graphs over T real and bucket - T padding tokens: padding rows read token 0 at
-position 0 and store their keys in a scratch slot outside the pool, and nothing reads their
-rows. vLLM and SGLang split their graphs the same way.
+bucket's graphs over T real and bucket - T padding tokens: padding rows store their keys in
+a scratch slot outside the pool, and nothing reads their rows (their token ids and positions
+are whatever an earlier step left there, always valid ones). vLLM and SGLang split their graphs the same way.
 
 Inputs and the values passed between pieces live in static buffers (a graph reads and
 writes fixed addresses), so each piece ends by copying its query and residual stream there.
@@ -144,10 +144,9 @@ class PiecewiseGraphs:
         return bool(self._pieces) and 0 < batch.input_ids.shape[0] <= self.max_tokens
 
     def _pad(self, count: int, bucket: int) -> None:
-        """Rows count..bucket: token 0 at position 0, keys stored in the scratch slot."""
+        """Rows count..bucket store their keys in the scratch slot: an earlier, larger step's
+        slots there would overwrite real KV. Their ids and positions need no reset."""
         if bucket > count:
-            self.input_ids[count:bucket].zero_()
-            self.positions[count:bucket].zero_()
             self.slot_mapping[count:bucket].fill_(self.scratch_slot)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
