@@ -23,6 +23,7 @@ from engine.batch import SequenceChunk, build_forward_batch
 from engine.core import EngineCore
 from engine.sampler import SamplingInputs
 from engine.sampling_params import SamplingParams
+from kernels.triton_pdl import use_pdl
 
 
 def main() -> None:
@@ -78,6 +79,7 @@ def main() -> None:
     roofline = weight_bytes_per_step(engine.model_config) / bandwidth
     gemv = _gemv_time(engine.runner.model, device)
     print(f"card {torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"skinny matmuls on: {', '.join(engine.skinny_matmuls) or 'none'}; PDL {use_pdl(device)}")
     print(f"roofline (weights / bandwidth): {roofline * 1e3:.2f} ms")
     print(f"graph replay GPU time: {statistics.median(gpu_replay) * 1e3:.2f} ms")
     print(f"the step's matmuls alone at batch 1 (eager, events): {gemv * 1e3:.2f} ms")
@@ -110,6 +112,7 @@ def _kernel_table(engine: EngineCore, prompt: list[int], steps: int = 20) -> Non
             engine.step()
         torch.cuda.synchronize()
     engine.abort(request.request_id)
+    _timeline(prof, steps)
     rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     rows.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in rows) / steps
@@ -119,6 +122,33 @@ def _kernel_table(engine: EngineCore, prompt: list[int], steps: int = 20) -> Non
         calls = e.count / steps
         each = per_step / max(calls, 1e-9)
         print(f"  {per_step / 1e3:7.3f} ms  {calls:6.1f}x  {each:7.2f} us  {e.key[:90]}")
+
+
+def _timeline(prof: object, steps: int, window: int = 24) -> None:
+    """Kernel time against the span it covers (the rest is the GPU idle between kernels, inside
+    graph replays and between steps), and one stretch of consecutive kernels with their gaps."""
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),  # type: ignore[attr-defined]
+        key=lambda e: e.time_range.start,
+    )
+    if not kernels:
+        return
+    busy = sum(e.time_range.end - e.time_range.start for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    print(
+        f"timeline: {len(kernels) / steps:.0f} kernels a step, {busy / steps / 1e3:.3f} ms busy in "
+        f"{span / steps / 1e3:.3f} ms of span ({(span - busy) / steps / 1e3:.3f} ms between kernels)"
+    )
+    gaps: dict[str, list[float]] = {}
+    for before, after in itertools.pairwise(kernels):
+        gaps.setdefault(after.name[:40], []).append(after.time_range.start - before.time_range.end)
+    for name, values in sorted(gaps.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  gap before {name:40s} {statistics.median(values):6.2f} us median, {len(values) / steps:5.1f}x")
+    middle = len(kernels) // 2
+    for before, after in itertools.pairwise(kernels[middle : middle + window]):
+        gap = after.time_range.start - before.time_range.end
+        took = after.time_range.end - after.time_range.start
+        print(f"  +{gap:6.2f} us  {took:7.2f} us  {after.name[:80]}")
 
 
 def _engine_step_period(engine: EngineCore, prompt: list[int], overlap: bool, steps: int) -> float:

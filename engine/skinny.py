@@ -3,9 +3,11 @@
 At batch 1-16 every projection of a decode step is bound by reading its weight once, and
 which kernel reads a given shape fastest depends on the card (kernels/triton_gemv.py: on an
 H200, for an 8B model, the GEMV was chosen for o_proj and the LM head, qkv went either way,
-and cuBLAS kept gate_up and down). So the engine times both, in CUDA graphs on the model's own
-weights, once at start, per shape: about a second, against decode steps that then run at
-batch <= 16 for as long as the replica lives.
+and cuBLAS kept gate_up and down). So the engine times them, in CUDA graphs on the model's own
+weights, once at start, per shape: cuBLAS, the GEMV, and for the down projection also the GEMV
+with the activation folded into its loads (the separate activation kernel is timed with the
+other two). About a second, against decode steps that then run at batch <= 16 for as long as
+the replica lives.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from engine.models.decoder import CausalLM
-from engine.models.layers import Linear, SkinnyMatmul
+from engine.models.layers import FusedQkv, Linear, SkinnyMatmul
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +32,56 @@ def use_skinny_matmuls(model: CausalLM) -> list[str]:
 
     if not triton_available():
         return []
-    from kernels.triton_gemv import GEMV_MAX_ROWS, choose_gemv, gemv
+    from kernels.triton_gemv import GEMV_MAX_ROWS, fastest_kernel, gemv
 
     groups: dict[tuple[str, bool], list[Linear]] = defaultdict(list)
     for layer in model.model.layers:
         groups[("qkv_proj", False)].append(layer.self_attn.qkv_proj)  # type: ignore[union-attr]
         groups[("o_proj", False)].append(layer.self_attn.o_proj)  # type: ignore[union-attr]
         groups[("gate_up_proj", False)].append(layer.mlp.gate_up_proj)  # type: ignore[union-attr]
-        groups[("down_proj", True)].append(layer.mlp.down_proj)  # type: ignore[union-attr]  # silu folded in
+        groups[("down_proj", True)].append(layer.mlp.down_proj)  # type: ignore[union-attr]  # after the activation
     groups[("lm_head", False)].append(model.lm_head)
-    skinny = SkinnyMatmul(gemv, GEMV_MAX_ROWS)
+    kernels = {
+        "gemv": SkinnyMatmul(gemv, GEMV_MAX_ROWS),
+        "gemv_fused": SkinnyMatmul(gemv, GEMV_MAX_ROWS, fold_silu=True),
+    }
     chosen = []
     with torch.inference_mode():
-        for (name, silu_mul), modules in groups.items():
+        for (name, activation), modules in groups.items():
             weights = [m.weight for m in modules[:4]]
-            if choose_gemv(weights, modules[0].bias is not None, silu_mul):
+            fastest = fastest_kernel(weights, modules[0].bias is not None, activation)
+            if fastest in kernels:
                 for module in modules:
-                    module.skinny = skinny
-                chosen.append(name)
+                    module.skinny = kernels[fastest]
+                chosen.append(name if fastest == "gemv" else f"{name} (activation folded in)")
+        if _fuse_qkv(model):
+            chosen.append("qkv_proj with rotary and KV store")
     log.info("skinny matmuls (<= %d rows) on: %s", GEMV_MAX_ROWS, ", ".join(chosen) or "none")
     return chosen
+
+
+def _fuse_qkv(model: CausalLM) -> bool:
+    """Give every layer the fused qkv + rotary + KV-store kernel if it measured fastest."""
+    from kernels.triton_qkv import GEMV_MAX_ROWS, fastest_qkv, qkv_rotary_store
+
+    config = model.config
+    if config.qk_norm or config.head_dim % 64:
+        return False  # a norm between projection and rotary; or a head the kernel does not split
+    attentions = [layer.self_attn for layer in model.model.layers]
+    first = attentions[0]
+    rotary = model.model.rotary
+    weights = [a.qkv_proj.weight for a in attentions[:4]]  # type: ignore[union-attr]
+    fastest = fastest_qkv(
+        weights,
+        first.qkv_proj.bias,
+        rotary.cos,
+        rotary.sin,
+        config.num_heads,
+        config.num_kv_heads,  # type: ignore[union-attr,arg-type]
+    )
+    if fastest != "fused":
+        return False
+    fused = FusedQkv(qkv_rotary_store, GEMV_MAX_ROWS)
+    for attention in attentions:
+        attention.fused_qkv = fused  # type: ignore[union-attr,assignment]
+    return True

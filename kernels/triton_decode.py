@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import LOG2E, check_attention_shapes, dot_precision, next_power_of_two, num_sms
+from kernels.triton_pdl import pdl_prologue, use_pdl
 
 # One tile: on an H200, b1 ctx512 ran 6.6 us with 8 splits of 64 keys vs 8.0 with 4 of 128.
 MIN_SPLIT_TOKENS = 64
@@ -63,7 +64,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -141,7 +144,9 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -226,6 +231,7 @@ def paged_decode_triton(
         partial_acc = torch.empty((rows, head_dim), dtype=torch.float32, device=query.device)
         partial_max = torch.empty((rows,), dtype=torch.float32, device=query.device)
         partial_sum = torch.empty((rows,), dtype=torch.float32, device=query.device)
+    pdl = use_pdl(query.device)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         query,
         kv_cache,
@@ -257,6 +263,8 @@ def paged_decode_triton(
         num_warps=4,
         # float32 tiles are twice the bytes: two stages keep a d256 tile inside shared memory.
         num_stages=2 if query.dtype == torch.float32 else 3,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -273,5 +281,7 @@ def paged_decode_triton(
             SPLITS_PAD=max(2, next_power_of_two(splits)),
             BLOCK_N=block_n,
             num_warps=4,
+            USE_PDL=pdl,
+            launch_pdl=pdl,
         )
     return out

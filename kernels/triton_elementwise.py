@@ -12,12 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_prologue, use_pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_o, stride_s,
     n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -46,10 +50,13 @@ def rms_norm_triton(
         summed = torch.empty_like(x2)
     rows, cols = x2.shape
     if rows:
+        pdl = use_pdl(x2.device)
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out, summed, x2.stride(0), r2.stride(0), out.stride(0), summed.stride(0),
             cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(cols),
             num_warps=4 if cols <= 4096 else 8,
+            USE_PDL=pdl,
+            launch_pdl=pdl,
         )  # fmt: skip
     return out.reshape(shape), (x if residual is None else summed.reshape(shape))
 
@@ -58,7 +65,9 @@ def rms_norm_triton(
 def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
     num_heads, num_kv_heads, HALF: tl.constexpr, HEADS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs = tl.arange(0, HALF)
@@ -90,16 +99,22 @@ def rotary_triton(
     tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     if tokens:
+        pdl = use_pdl(query.device)
         _rotary_kernel[(tokens,)](
             positions, query, key, cos, sin, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             cos.stride(0), num_heads, num_kv_heads, HALF=head_dim // 2,
             HEADS=triton.next_power_of_2(max(num_heads, num_kv_heads)), num_warps=4,
+            USE_PDL=pdl,
+            launch_pdl=pdl,
         )  # fmt: skip
     return query, key
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    gate_up_ptr, out_ptr, stride_in, stride_out, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -116,7 +131,16 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows, cols), dtype=gate_up.dtype, device=gate_up.device)
     if rows:
         block = 1024
+        pdl = use_pdl(gate_up.device)
         _silu_and_mul_kernel[(rows, triton.cdiv(cols, block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), cols, BLOCK=block, num_warps=4
+            gate_up,
+            out,
+            gate_up.stride(0),
+            out.stride(0),
+            cols,
+            BLOCK=block,
+            num_warps=4,
+            USE_PDL=pdl,
+            launch_pdl=pdl,
         )
     return out

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import LOG2E, check_attention_shapes, dot_precision, next_power_of_two
+from kernels.triton_pdl import pdl_prologue, use_pdl
 
 
 @triton.jit
@@ -130,7 +131,9 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _find_sequence(query_start_ptr, q_tile, num_seqs, BLOCK_Q)
@@ -265,6 +268,7 @@ def extend_attention_triton(
         group, head_dim, query.dtype, max_query_len
     )
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    pdl = use_pdl(query.device)
     _extend_kernel[grid](
         query,
         kv_cache,
@@ -293,5 +297,7 @@ def extend_attention_triton(
         PRECISION=dot_precision(query.dtype),
         num_warps=num_warps,
         num_stages=2,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )
     return out

@@ -30,6 +30,7 @@ from kernels.triton_common import (
     shared_memory_per_program,
 )
 from kernels.triton_extend import _attend, _find_sequence, extend_attention_triton, extend_tiles
+from kernels.triton_pdl import pdl_prologue, use_pdl
 
 # Fewest keys a split takes: below this the partial's store and reduce cost more than the
 # keys. A multiple of every BLOCK_N.
@@ -105,7 +106,9 @@ def _extend_split_kernel(
     BLOCK_N: tl.constexpr,
     MIN_KEYS: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -226,10 +229,12 @@ def _extend_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     HEADS_BLOCK: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per (token, HEADS_BLOCK heads), every split in one load: a program per
     (token, head) made a graph launch's reduce cost more than its attention (8,192 programs
     of two dependent loads), and a loop over the splits serialised 32 of them."""
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)
     splits = tl.arange(0, SPLITS_PAD)
@@ -363,6 +368,7 @@ def extend_attention(
     # bytes of float32 for bf16/fp16; float32 inputs keep float32.
     partial_out = torch.empty((rows, head_dim), dtype=query.dtype, device=query.device)
     partial_lse = torch.empty((rows,), dtype=torch.float32, device=query.device)
+    pdl = use_pdl(query.device)
     _extend_split_kernel[(num_tokens // block_q + num_seqs, num_kv_heads, splits)](
         query,
         kv_cache,
@@ -393,6 +399,8 @@ def extend_attention(
         PRECISION=dot_precision(query.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )
     # About REDUCE_ELEMENTS partial values per program: many heads when splits are few.
     splits_pad = max(2, next_power_of_two(splits))
@@ -409,5 +417,7 @@ def extend_attention(
         HEADS_BLOCK=heads_block,
         SPLITS_PAD=splits_pad,
         num_warps=4,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )
     return out

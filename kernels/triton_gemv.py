@@ -11,7 +11,9 @@ wins keeps cuBLAS.
 
 `SILU_MUL` folds the MLP's activation into the down projection's loads: x is then the gate_up
 output [M, 2K] and the kernel multiplies silu(gate) * up, rounded where the separate kernel
-rounds (kernels/triton_elementwise.py), saving a launch per layer.
+rounds (kernels/triton_elementwise.py), saving a launch per layer. At one row it computes the
+activation on that row only (computing it on all 16 padded rows is what made the fold lose
+to the separate kernel at batch 1 before).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_prologue, use_pdl
+
 # Rows up to this take the GEMV (one 16-row MMA tile); more rows are a real GEMM.
 GEMV_MAX_ROWS = 16
 
@@ -31,8 +35,10 @@ GEMV_MAX_ROWS = 16
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, 16)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -45,7 +51,13 @@ def _gemv_kernel(
         k_ok = ks < K
         x_mask = row_ok[:, None] & k_ok[None, :]
         x_at = x_ptr + rows[:, None] * stride_xm + ks[None, :]
-        if SILU_MUL:
+        if SILU_MUL and ONE_ROW:
+            # One real row: the activation's exponentials on it alone, not on 16 padded rows.
+            gate = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+            activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            x = tl.where((rows == 0)[:, None], (activated * up).to(dtype)[None, :], 0.0).to(dtype)
+        elif SILU_MUL:
             gate = tl.load(x_at, mask=x_mask, other=0.0).to(tl.float32)
             up = tl.load(x_at + K, mask=x_mask, other=0.0).to(tl.float32)
             activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -98,11 +110,13 @@ def gemv(
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows:
         options = launch or default_launch(n, k)
+        pdl = use_pdl(x.device)
         _gemv_kernel[(triton.cdiv(n, options["block_n"]),)](
             x, weight, bias if bias is not None else weight, y, rows, n, k,
             x.stride(0), weight.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=options["block_n"],
-            BLOCK_K=options["block_k"], num_warps=options["num_warps"], num_stages=options["num_stages"],
+            HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ONE_ROW=silu_mul and rows == 1,
+            BLOCK_N=options["block_n"], BLOCK_K=options["block_k"], USE_PDL=pdl,
+            num_warps=options["num_warps"], num_stages=options["num_stages"], launch_pdl=pdl,
         )  # fmt: skip
     return y
 
@@ -129,20 +143,26 @@ def graph_time_us(
     return start.elapsed_time(end) * 1000 / (3 * reps)
 
 
-def choose_gemv(weights: Sequence[torch.Tensor], has_bias: bool, silu_mul: bool) -> bool:
-    """Whether the GEMV beats cuBLAS (plus the separate activation kernel, for `silu_mul`) at
-    one row on these weights (several layers' copies of one shape, read in turn)."""
+def fastest_kernel(weights: Sequence[torch.Tensor], has_bias: bool, activation: bool) -> str:
+    """Which kernel reads these weights (several layers' copies of one shape, in turn) fastest
+    at one row: "cublas", "gemv", or, for a down projection (`activation`: the SiLU-and-mul
+    of the gate_up output comes first), "gemv_fused" with the activation folded into its loads.
+    Without the fold, the activation kernel's time is counted with the matmul's."""
     from kernels.triton_elementwise import silu_and_mul_triton
 
     n, k = weights[0].shape
     device, dtype = weights[0].device, weights[0].dtype
-    x = torch.randn(1, 2 * k if silu_mul else k, device=device, dtype=dtype)
+    x = torch.randn(1, 2 * k if activation else k, device=device, dtype=dtype)
     bias = torch.zeros(n, device=device, dtype=dtype) if has_bias else None
 
-    def ours(weight: torch.Tensor) -> torch.Tensor:
-        return gemv(x, weight, bias, silu_mul)
+    def first(rows: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul_triton(rows) if activation else rows
 
-    def cublas(weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_and_mul_triton(x) if silu_mul else x, weight, bias)
-
-    return graph_time_us(ours, weights) < graph_time_us(cublas, weights)
+    candidates: dict[str, Callable[[torch.Tensor], object]] = {
+        "cublas": lambda weight: F.linear(first(x), weight, bias),
+        "gemv": lambda weight: gemv(first(x), weight, bias),
+    }
+    if activation:
+        candidates["gemv_fused"] = lambda weight: gemv(x, weight, bias, silu_mul=True)
+    times = {name: graph_time_us(fn, weights) for name, fn in candidates.items()}
+    return min(times, key=times.__getitem__)

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_pdl import pdl_prologue, use_pdl
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -25,7 +27,9 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEADS_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -69,6 +73,7 @@ def store_kv_triton(
     # About 2K elements per program: a whole token for small models, a few heads for large ones.
     heads_block = min(triton.next_power_of_2(num_kv_heads), max(1, 2048 // head_dim))
     grid = (num_tokens, triton.cdiv(num_kv_heads, heads_block))
+    pdl = use_pdl(key.device)
     _store_kv_kernel[grid](
         key,
         value,
@@ -87,4 +92,6 @@ def store_kv_triton(
         HEAD_DIM=head_dim,
         HEADS_BLOCK=heads_block,
         num_warps=4,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )

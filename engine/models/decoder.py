@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
-from engine.models.layers import Linear, RMSNorm, RotaryEmbedding
+from engine.models.layers import FusedQkv, Linear, RMSNorm, RotaryEmbedding
 from kernels.backend import AttentionBackend
 from kernels.elementwise import TORCH_OPS, ElementwiseOps
 from kernels.metadata import AttentionMetadata
@@ -36,6 +36,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.rotary = rotary
         self.backend = backend
+        # Set by engine/skinny.py on a GPU where it measured faster than the three launches.
+        self.fused_qkv: FusedQkv | None = None
 
     def project(
         self,
@@ -49,6 +51,14 @@ class Attention(nn.Module):
         Its launches depend only on the token count, so a CUDA graph per token count can hold it.
         """
         num_tokens = hidden.shape[0]
+        fused = self.fused_qkv
+        if fused is not None and num_tokens <= fused.max_rows:
+            qkv = self.qkv_proj
+            rotary = self.rotary
+            return fused.kernel(
+                hidden, qkv.weight, qkv.bias, positions, rotary.cos, rotary.sin, kv_cache, slot_mapping,
+                self.num_heads, self.num_kv_heads,
+            )  # fmt: skip
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -83,7 +93,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         down = self.down_proj
-        if down.skinny is not None and gate_up.shape[0] <= down.skinny.max_rows:
+        if down.skinny is not None and down.skinny.fold_silu and gate_up.shape[0] <= down.skinny.max_rows:
             # The activation folded into the down projection's loads: one launch fewer.
             return down.skinny.kernel(gate_up, down.weight, down.bias, True)
         return down(self.ops.silu_and_mul(gate_up))

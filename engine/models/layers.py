@@ -14,9 +14,23 @@ from kernels.elementwise import TORCH_OPS, ElementwiseOps
 
 @dataclass(frozen=True)
 class SkinnyMatmul:
-    """A kernel for matmuls of at most `max_rows` rows: (x, weight, bias, silu_mul) -> y."""
+    """A kernel for matmuls of at most `max_rows` rows: (x, weight, bias, silu_mul) -> y.
+
+    `fold_silu`, on a down projection: the MLP hands it the gate_up output and the kernel
+    applies the activation as it loads (one launch fewer); otherwise the activation runs first.
+    """
 
     kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
+    max_rows: int
+    fold_silu: bool = False
+
+
+@dataclass(frozen=True)
+class FusedQkv:
+    """The qkv projection of at most `max_rows` rows with rotary and the KV store in one kernel:
+    (x, weight, bias, positions, cos, sin, kv_cache, slot_mapping, heads, kv_heads) -> query."""
+
+    kernel: Callable[..., torch.Tensor]
     max_rows: int
 
 

@@ -1,0 +1,176 @@
+"""The qkv projection of a few rows with rotary and the KV store in its epilogue: one launch for three.
+
+At batch 1 a decode layer launched the qkv GEMV, then a rotary kernel and a KV-store kernel of
+~1.5-2.5 us each on a few KiB. Here each program of the GEMV (kernels/triton_gemv.py's loop)
+owns a quarter of one head's dimensions from each half, the two halves rotary pairs with each
+other, so the epilogue rotates its own tile: a query head's tile goes to the query output, a
+key head's (rotated) and a value head's tile go straight into the paged cache at the rows'
+slots (a negative slot, a padding row, stores nothing). The same roundings as the three
+separate kernels: the projection rounded to the activation dtype, each rotary product and sum
+rounded as kernels/elementwise_ref.py's rotary_ref.
+
+Not for models with q/k norms (Qwen3: the norm sits between projection and rotary).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_gemv import GEMV_MAX_ROWS, default_launch
+from kernels.triton_pdl import pdl_prologue, use_pdl
+
+
+@triton.jit(do_not_specialize=["M"])
+def _qkv_rotary_store_kernel(
+    x_ptr, w_ptr, bias_ptr, positions_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr,
+    M, K, stride_xm, stride_wn, stride_qm, stride_c,
+    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_prologue(USE_PDL)
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    HALF: tl.constexpr = HEAD_DIM // 2
+    head = tl.program_id(0) // 2
+    quarter = tl.program_id(0) % 2
+    rows = tl.arange(0, 16)
+    row_ok = rows < M
+    # Tile column i: dimension quarter * QUARTER + i % QUARTER of the first half (i < QUARTER)
+    # or of the second half: the two halves of the tile are rotary pairs.
+    i = tl.arange(0, HALF)
+    dims_in_head = (i // QUARTER) * HALF + quarter * QUARTER + i % QUARTER
+    w_rows = w_ptr + (head * HEAD_DIM + dims_in_head)[:, None].to(tl.int64) * stride_wn
+    dtype = q_ptr.dtype.element_ty
+    acc = tl.zeros((16, HALF), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        w = tl.load(w_rows + ks[None, :], mask=k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + head * HEAD_DIM + dims_in_head).to(tl.float32)[None, :]
+    projected = acc.to(dtype).to(tl.float32)  # the projection's output, as the GEMV rounds it
+    first, second = tl.split(tl.permute(tl.reshape(projected, (16, 2, QUARTER)), (0, 2, 1)))
+    dims = quarter * QUARTER + tl.arange(0, QUARTER)  # rotary dimensions, within a half
+    if head < NUM_HEADS + NUM_KV_HEADS:  # a query or key head: rotate
+        positions = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        table = positions[:, None] * stride_c + dims[None, :]
+        cos = tl.load(cos_ptr + table, mask=row_ok[:, None], other=0.0).to(dtype).to(tl.float32)
+        sin = tl.load(sin_ptr + table, mask=row_ok[:, None], other=0.0).to(dtype).to(tl.float32)
+        rotated_first = (first * cos).to(dtype).to(tl.float32) + (-second * sin).to(dtype).to(tl.float32)
+        rotated_second = (second * cos).to(dtype).to(tl.float32) + (first * sin).to(dtype).to(tl.float32)
+        first, second = rotated_first, rotated_second
+    if head < NUM_HEADS:
+        out = q_ptr + rows[:, None] * stride_qm + head * HEAD_DIM + dims[None, :]
+        tl.store(out, first.to(dtype), mask=row_ok[:, None])
+        tl.store(out + HALF, second.to(dtype), mask=row_ok[:, None])
+    else:
+        slots = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        is_value = head >= NUM_HEADS + NUM_KV_HEADS
+        kv_head = head - NUM_HEADS - is_value.to(tl.int32) * NUM_KV_HEADS
+        base = (
+            cache_ptr
+            + is_value.to(tl.int64) * stride_cache_kv
+            + (slots // BLOCK_SIZE) * stride_cache_block
+            + (slots % BLOCK_SIZE) * stride_cache_slot
+            + kv_head * stride_cache_head
+        )
+        out = base[:, None] + dims[None, :]
+        keep = (slots >= 0)[:, None]
+        cache_dtype = cache_ptr.dtype.element_ty
+        tl.store(out, first.to(dtype).to(cache_dtype), mask=keep)
+        tl.store(out + HALF, second.to(dtype).to(cache_dtype), mask=keep)
+
+
+def qkv_rotary_store(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """The rotated query [M, heads, head_dim] of x [M, K] @ weight^T (+ bias), M <= 16; the
+    rotated keys and the values are written into kv_cache [2, blocks, block_size, kv_heads,
+    head_dim] at slot_mapping. cos/sin are the float32 [positions, head_dim] tables."""
+    rows, k = x.shape
+    _, _, block_size, cache_heads, head_dim = kv_cache.shape
+    n = (num_heads + 2 * num_kv_heads) * head_dim
+    if rows > GEMV_MAX_ROWS:
+        raise ValueError(f"qkv_rotary_store takes at most {GEMV_MAX_ROWS} rows, got {rows}")
+    if weight.shape != (n, k) or weight.stride(1) != 1 or cache_heads != num_kv_heads:
+        raise ValueError(f"weight {tuple(weight.shape)} and cache {tuple(kv_cache.shape)} do not fit")
+    if head_dim % 64 or kv_cache.stride(-1) != 1:
+        raise ValueError("head_dim must be a multiple of 64, innermost and contiguous in the cache")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    query = torch.empty((rows, num_heads, head_dim), dtype=x.dtype, device=x.device)
+    if rows:
+        pdl = use_pdl(x.device)
+        launch = default_launch(n, k)
+        bias_or_any = bias if bias is not None else weight
+        _qkv_rotary_store_kernel[(2 * (num_heads + 2 * num_kv_heads),)](
+            x, weight, bias_or_any, positions, cos, sin, query, kv_cache, slot_mapping,
+            rows, k, x.stride(0), weight.stride(0), query.stride(0), cos.stride(0),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            HAS_BIAS=bias is not None, BLOCK_K=launch["block_k"], USE_PDL=pdl,
+            num_warps=launch["num_warps"], num_stages=launch["num_stages"], launch_pdl=pdl,
+        )  # fmt: skip
+    return query
+
+
+def fastest_qkv(
+    weights: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> str:
+    """At one row, over these weights (several layers' copies, read in turn), which is fastest:
+    "fused" (this kernel), or the projection by "cublas" or "gemv" followed by the rotary and
+    KV-store kernels."""
+    import torch.nn.functional as F
+
+    from kernels.triton_elementwise import rotary_triton
+    from kernels.triton_gemv import gemv, graph_time_us
+    from kernels.triton_store import store_kv_triton
+
+    n, k = weights[0].shape
+    device, dtype = weights[0].device, weights[0].dtype
+    head_dim = n // (num_heads + 2 * num_kv_heads)
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    positions = torch.tensor([7], device=device)
+    slots = torch.tensor([5], device=device)
+    cache = torch.zeros((2, 2, 16, num_kv_heads, head_dim), device=device, dtype=dtype)
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+
+    def separate(project: object) -> object:
+        def run(weight: torch.Tensor) -> None:
+            q, key, value = project(weight).split(sizes, dim=-1)  # type: ignore[operator]
+            q, key = rotary_triton(
+                positions, q.view(1, num_heads, head_dim), key.view(1, num_kv_heads, head_dim), cos, sin
+            )
+            store_kv_triton(key, value.view(1, num_kv_heads, head_dim), cache, slots)
+
+        return run
+
+    candidates = {
+        "cublas": separate(lambda weight: F.linear(x, weight, bias)),
+        "gemv": separate(lambda weight: gemv(x, weight, bias)),
+        "fused": lambda weight: qkv_rotary_store(
+            x, weight, bias, positions, cos, sin, cache, slots, num_heads, num_kv_heads
+        ),
+    }
+    times = {name: graph_time_us(fn, weights) for name, fn in candidates.items()}  # type: ignore[arg-type]
+    return min(times, key=times.__getitem__)
