@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_gemv import GEMV_MAX_ROWS, default_launch
+from kernels.triton_gemv import GEMV_MAX_ROWS
 from kernels.triton_pdl import pdl_prologue, use_pdl
 
 
@@ -116,15 +116,17 @@ def qkv_rotary_store(
     query = torch.empty((rows, num_heads, head_dim), dtype=x.dtype, device=x.device)
     if rows:
         pdl = use_pdl(x.device)
-        launch = default_launch(n, k)
+        # A tile is half a head's rows: ~32K weight elements a stage keeps three stages in
+        # shared memory for any head size.
+        block_k = max(16, 16384 // (head_dim // 2))
         bias_or_any = bias if bias is not None else weight
         _qkv_rotary_store_kernel[(2 * (num_heads + 2 * num_kv_heads),)](
             x, weight, bias_or_any, positions, cos, sin, query, kv_cache, slot_mapping,
             rows, k, x.stride(0), weight.stride(0), query.stride(0), cos.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            HAS_BIAS=bias is not None, BLOCK_K=launch["block_k"], USE_PDL=pdl,
-            num_warps=launch["num_warps"], num_stages=launch["num_stages"], launch_pdl=pdl,
+            HAS_BIAS=bias is not None, BLOCK_K=block_k, USE_PDL=pdl,
+            num_warps=4, num_stages=3, launch_pdl=pdl,
         )  # fmt: skip
     return query
 
