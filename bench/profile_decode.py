@@ -143,7 +143,8 @@ def _timeline(prof: object, steps: int, window: int = 24) -> None:
     for before, after in itertools.pairwise(kernels):
         gaps.setdefault(after.name[:40], []).append(after.time_range.start - before.time_range.end)
     for name, values in sorted(gaps.items(), key=lambda kv: -sum(kv[1])):
-        print(f"  gap before {name:40s} {statistics.median(values):6.2f} us median, {len(values) / steps:5.1f}x")
+        median = statistics.median(values)
+        print(f"  gap before {name:40s} {median:6.2f} us median, {len(values) / steps:5.1f}x")
     middle = len(kernels) // 2
     for before, after in itertools.pairwise(kernels[middle : middle + window]):
         gap = after.time_range.start - before.time_range.end
