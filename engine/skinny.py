@@ -7,7 +7,8 @@ and cuBLAS kept gate_up and down). So the engine times them, in CUDA graphs on t
 weights, once at start, per shape: cuBLAS, the GEMV, and for the down projection also the GEMV
 with the activation folded into its loads (the separate activation kernel is timed with the
 other two). About a second, against decode steps that then run at batch <= 16 for as long as
-the replica lives.
+the replica lives. The qkv projection is timed once more against kernels/triton_qkv.py, which
+also does rotary and the KV store (three launches in one; not for models with q/k norms).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from bench.offline import copy_bandwidth
 from bench.shapes import SHAPES
+from kernels.bench_attention import time_graph
 from kernels.bench_gemv import projections
 from kernels.triton_gemv import default_launch
 
@@ -213,36 +214,12 @@ def main() -> None:
             print(
                 f"  {label}: OUTPUT DIFFERS from no PDL (max {(out - reference[links]).abs().max().item()})"
             )
-        ms = _graph_ms(step)
+        ms = time_graph([step], replays=20) * 1e3
         kernels = args.layers * (10 if links else 4)
         if mode == _NO_PDL:
             base[links] = ms
         saved = (base[links] - ms) * 1e3 / kernels
         print(f"| {label} | {kernels} | {ms:.3f} | {ms / floor_ms:.3f} | {saved:.2f} |")
-
-
-def _graph_ms(step: Callable[[], object], replays: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 if __name__ == "__main__":
