@@ -93,3 +93,49 @@ def test_a_fused_qkv_kernel_takes_few_rows_and_writes_the_same_cache(tiny_model_
     assert calls == [2] * len(model.model.layers)
     for got, want in zip([*prefill, *decode], [*reference, *reference_decode], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_norms_folded_into_the_qkv_and_gate_up_kernels_change_nothing(tiny_model_dir) -> None:
+    from engine.models.layers import FusedQkv
+    from kernels.attention_ref import store_kv
+    from kernels.elementwise import NormInput
+    from kernels.elementwise_ref import rms_norm_ref, rotary_ref
+
+    model = load_model(tiny_model_dir("llama")).model
+    tokens = torch.randint(3, 500, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    plain = PagedDriver(model)
+    reference = [t.clone() for t in plain.step([(0, tokens[:20]), (1, tokens[:3])])]
+    reference += [t.clone() for t in plain.step([(0, [7]), (1, [9])])]
+    calls: list[str] = []
+
+    def qkv(x, norm: NormInput, weight, bias, positions, cos, sin, kv_cache, slot_mapping, heads, kv_heads):  # type: ignore[no-untyped-def]
+        calls.append("qkv")
+        normed, summed = rms_norm_ref(x, norm.weight, norm.eps, norm.residual)
+        head_dim = kv_cache.shape[-1]
+        q, k, v = F.linear(normed, weight, bias).split(
+            [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1
+        )
+        q, k = rotary_ref(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), cos, sin)
+        store_kv(k, v.view(-1, kv_heads, head_dim), kv_cache, slot_mapping)
+        return q, summed
+
+    def gate_up(x, norm: NormInput, weight, bias):  # type: ignore[no-untyped-def]
+        calls.append("gate_up")
+        normed, summed = rms_norm_ref(x, norm.weight, norm.eps, norm.residual)
+        return F.linear(normed, weight, bias), summed
+
+    def unused(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("the unfolded kernel was called")
+
+    for layer in model.model.layers:
+        layer.self_attn.fused_qkv = FusedQkv(unused, max_rows=4, norm_kernel=qkv)
+        layer.mlp.gate_up_proj.skinny = SkinnyMatmul(
+            lambda x, w, b, s: F.linear(x, w, b), 4, norm_kernel=gate_up
+        )
+    driver = PagedDriver(model)
+    got = [t.clone() for t in driver.step([(0, tokens[:20]), (1, tokens[:3])])]  # 23 rows: no folds
+    assert calls == []
+    got += driver.step([(0, [7]), (1, [9])])
+    assert calls == ["qkv", "gate_up"] * len(model.model.layers)
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
