@@ -33,57 +33,56 @@ def use_skinny_matmuls(model: CausalLM) -> list[str]:
 
     if not triton_available():
         return []
-    from kernels.triton_gemv import GEMV_MAX_ROWS, fastest_kernel, gemv, gemv_rms_norm
+    from kernels.triton_gemv import GEMV_MAX_ROWS, fastest_kernel, gemv
 
-    # Each group with what runs right before its matmul (and may be folded into it).
-    groups: dict[tuple[str, str | None], list[Linear]] = defaultdict(list)
+    groups: dict[tuple[str, bool], list[Linear]] = defaultdict(list)
     for layer in model.model.layers:
-        groups[("qkv_proj", None)].append(layer.self_attn.qkv_proj)  # type: ignore[union-attr]
-        groups[("o_proj", None)].append(layer.self_attn.o_proj)  # type: ignore[union-attr]
-        groups[("gate_up_proj", "norm")].append(layer.mlp.gate_up_proj)  # type: ignore[union-attr]
-        groups[("down_proj", "activation")].append(layer.mlp.down_proj)  # type: ignore[union-attr]
-    groups[("lm_head", None)].append(model.lm_head)
+        groups[("qkv_proj", False)].append(layer.self_attn.qkv_proj)  # type: ignore[union-attr]
+        groups[("o_proj", False)].append(layer.self_attn.o_proj)  # type: ignore[union-attr]
+        groups[("gate_up_proj", False)].append(layer.mlp.gate_up_proj)  # type: ignore[union-attr]
+        groups[("down_proj", True)].append(layer.mlp.down_proj)  # type: ignore[union-attr]  # after the activation
+    groups[("lm_head", False)].append(model.lm_head)
     kernels = {
         "gemv": SkinnyMatmul(gemv, GEMV_MAX_ROWS),
         "gemv_fused": SkinnyMatmul(gemv, GEMV_MAX_ROWS, fold_silu=True),
-        "gemv_norm": SkinnyMatmul(gemv, GEMV_MAX_ROWS, norm_kernel=gemv_rms_norm),
     }
-    labels = {"gemv": "", "gemv_fused": " (activation folded in)", "gemv_norm": " (norm folded in)"}
     chosen = []
     with torch.inference_mode():
-        for (name, before), modules in groups.items():
+        for (name, activation), modules in groups.items():
             weights = [m.weight for m in modules[:4]]
-            fastest = fastest_kernel(weights, modules[0].bias is not None, before)
+            fastest = fastest_kernel(weights, modules[0].bias is not None, activation)
             if fastest in kernels:
                 for module in modules:
                     module.skinny = kernels[fastest]
-                chosen.append(name + labels[fastest])
-        fused = _fuse_qkv(model)
-        if fused:
-            chosen.append(fused)
+                chosen.append(name if fastest == "gemv" else f"{name} (activation folded in)")
+        if _fuse_qkv(model):
+            chosen.append("qkv_proj with rotary and KV store")
     log.info("skinny matmuls (<= %d rows) on: %s", GEMV_MAX_ROWS, ", ".join(chosen) or "none")
     return chosen
 
 
-def _fuse_qkv(model: CausalLM) -> str | None:
-    """Give every layer the fused qkv + rotary + KV-store kernel (with the input norm folded in,
-    or not) if one measured fastest; returns what it gave."""
-    from kernels.triton_qkv import GEMV_MAX_ROWS, fastest_qkv, qkv_norm_rotary_store, qkv_rotary_store
+def _fuse_qkv(model: CausalLM) -> bool:
+    """Give every layer the fused qkv + rotary + KV-store kernel if it measured fastest."""
+    from kernels.triton_qkv import GEMV_MAX_ROWS, fastest_qkv, qkv_rotary_store
 
     config = model.config
     if config.qk_norm or config.head_dim % 64:
-        return None  # a norm between projection and rotary; or a head the kernel does not split
+        return False  # a norm between projection and rotary; or a head the kernel does not split
     attentions = [layer.self_attn for layer in model.model.layers]
-    bias = attentions[0].qkv_proj.bias  # type: ignore[union-attr]
+    first = attentions[0]
     rotary = model.model.rotary
     weights = [a.qkv_proj.weight for a in attentions[:4]]  # type: ignore[union-attr]
-    fastest = fastest_qkv(weights, bias, rotary.cos, rotary.sin, config.num_heads, config.num_kv_heads)  # type: ignore[arg-type]
-    if fastest == "fused":
-        fused = FusedQkv(qkv_rotary_store, GEMV_MAX_ROWS)
-    elif fastest == "fused_norm":
-        fused = FusedQkv(qkv_rotary_store, GEMV_MAX_ROWS, norm_kernel=qkv_norm_rotary_store)
-    else:
-        return None
+    fastest = fastest_qkv(
+        weights,
+        first.qkv_proj.bias,
+        rotary.cos,
+        rotary.sin,
+        config.num_heads,
+        config.num_kv_heads,  # type: ignore[union-attr,arg-type]
+    )
+    if fastest != "fused":
+        return False
+    fused = FusedQkv(qkv_rotary_store, GEMV_MAX_ROWS)
     for attention in attentions:
         attention.fused_qkv = fused  # type: ignore[union-attr,assignment]
-    return "qkv_proj with rotary and KV store" + (" (norm folded in)" if fused.norm_kernel else "")
+    return True

@@ -16,17 +16,6 @@ RotaryFn = Callable[
 
 
 @dataclass(frozen=True)
-class NormInput:
-    """An RMSNorm for a kernel to fold into a matmul: x is then the sublayer's output,
-    `residual` the residual stream (None for the first layer, whose x is the embedding), and
-    the matmul multiplies rms_norm(x + residual) * weight."""
-
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-
-
-@dataclass(frozen=True)
 class ElementwiseOps:
     name: str
     rms_norm: NormFn  # (x, weight, eps, residual) -> (normed, x + residual)

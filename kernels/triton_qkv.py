@@ -14,25 +14,21 @@ Not for models with q/k norms (Qwen3: the norm sits between projection and rotar
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.elementwise import NormInput
-from kernels.triton_gemv import GEMV_MAX_ROWS, fold_norm_tile
+from kernels.triton_gemv import GEMV_MAX_ROWS
 from kernels.triton_pdl import pdl_prologue, use_pdl
 
 
 @triton.jit(do_not_specialize=["M"])
 def _qkv_rotary_store_kernel(
     x_ptr, w_ptr, bias_ptr, positions_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr,
-    res_ptr, norm_w_ptr, sum_ptr, M, K, stride_xm, stride_wn, stride_qm, stride_c, stride_rm, stride_sm, eps,
+    M, K, stride_xm, stride_wn, stride_qm, stride_c,
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_prologue(USE_PDL)
     QUARTER: tl.constexpr = HEAD_DIM // 4
@@ -48,21 +44,14 @@ def _qkv_rotary_store_kernel(
     w_rows = w_ptr + (head * HEAD_DIM + dims_in_head)[:, None].to(tl.int64) * stride_wn
     dtype = q_ptr.dtype.element_ty
     acc = tl.zeros((16, HALF), dtype=tl.float32)
-    sumsq = tl.zeros((16,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x_mask = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=x_mask, other=0.0)
-        if NORM:
-            x, sumsq = fold_norm_tile(
-                x, sumsq, res_ptr, norm_w_ptr, sum_ptr, rows, ks, x_mask, k_ok, stride_rm, stride_sm,
-                tl.program_id(0) == 0, HAS_RESIDUAL,
-            )  # fmt: skip
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
         w = tl.load(w_rows + ks[None, :], mask=k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    if NORM:
-        acc = acc * tl.rsqrt(sumsq / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + head * HEAD_DIM + dims_in_head).to(tl.float32)[None, :]
     projected = acc.to(dtype).to(tl.float32)  # the projection's output, as the GEMV rounds it
@@ -113,43 +102,6 @@ def qkv_rotary_store(
     """The rotated query [M, heads, head_dim] of x [M, K] @ weight^T (+ bias), M <= 16; the
     rotated keys and the values are written into kv_cache [2, blocks, block_size, kv_heads,
     head_dim] at slot_mapping. cos/sin are the float32 [positions, head_dim] tables."""
-    args = (positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads)
-    return _project(x, None, weight, bias, *args)[0]
-
-
-def qkv_norm_rotary_store(
-    x: torch.Tensor,
-    norm: NormInput,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """qkv_rotary_store of rms_norm(x + residual), the layer's input norm folded into the loads
-    (kernels/triton_gemv.py's fold_norm_tile); also returns x + residual, the residual stream."""
-    return _project(
-        x, norm, weight, bias, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads
-    )
-
-
-def _project(
-    x: torch.Tensor,
-    norm: NormInput | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
     rows, k = x.shape
     _, _, block_size, cache_heads, head_dim = kv_cache.shape
     n = (num_heads + 2 * num_kv_heads) * head_dim
@@ -162,26 +114,21 @@ def _project(
     if x.stride(1) != 1:
         x = x.contiguous()
     query = torch.empty((rows, num_heads, head_dim), dtype=x.dtype, device=x.device)
-    summed = x if norm is None or norm.residual is None else torch.empty_like(x)
     if rows:
         pdl = use_pdl(x.device)
         # A tile is half a head's rows: ~32K weight elements a stage keeps three stages in
         # shared memory for any head size.
         block_k = max(16, 16384 // (head_dim // 2))
         bias_or_any = bias if bias is not None else weight
-        residual = norm.residual if norm is not None and norm.residual is not None else x
         _qkv_rotary_store_kernel[(2 * (num_heads + 2 * num_kv_heads),)](
             x, weight, bias_or_any, positions, cos, sin, query, kv_cache, slot_mapping,
-            residual, norm.weight if norm is not None else weight, summed,
             rows, k, x.stride(0), weight.stride(0), query.stride(0), cos.stride(0),
-            residual.stride(0), summed.stride(0), norm.eps if norm is not None else 0.0,
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            HAS_BIAS=bias is not None, NORM=norm is not None,
-            HAS_RESIDUAL=norm is not None and norm.residual is not None, BLOCK_K=block_k, USE_PDL=pdl,
+            HAS_BIAS=bias is not None, BLOCK_K=block_k, USE_PDL=pdl,
             num_warps=4, num_stages=3, launch_pdl=pdl,
         )  # fmt: skip
-    return query, summed
+    return query
 
 
 def fastest_qkv(
@@ -192,13 +139,12 @@ def fastest_qkv(
     num_heads: int,
     num_kv_heads: int,
 ) -> str:
-    """At one row, over these weights (several layers' copies, read in turn), which is fastest
-    from the layer's input (before its RMSNorm) to query and stored keys and values: "fused_norm"
-    (qkv_norm_rotary_store), "fused" (the norm kernel, then qkv_rotary_store), or the norm kernel,
-    the projection by "cublas" or "gemv", then the rotary and KV-store kernels."""
+    """At one row, over these weights (several layers' copies, read in turn), which is fastest:
+    "fused" (this kernel), or the projection by "cublas" or "gemv" followed by the rotary and
+    KV-store kernels."""
     import torch.nn.functional as F
 
-    from kernels.triton_elementwise import rms_norm_triton, rotary_triton
+    from kernels.triton_elementwise import rotary_triton
     from kernels.triton_gemv import gemv, graph_time_us
     from kernels.triton_store import store_kv_triton
 
@@ -206,22 +152,14 @@ def fastest_qkv(
     device, dtype = weights[0].device, weights[0].dtype
     head_dim = n // (num_heads + 2 * num_kv_heads)
     x = torch.randn(1, k, device=device, dtype=dtype)
-    norm = NormInput(
-        torch.randn(1, k, device=device, dtype=dtype), torch.ones(k, device=device, dtype=dtype), 1e-5
-    )
     positions = torch.tensor([7], device=device)
     slots = torch.tensor([5], device=device)
     cache = torch.zeros((2, 2, 16, num_kv_heads, head_dim), device=device, dtype=dtype)
     sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
 
-    def normed() -> torch.Tensor:
-        return rms_norm_triton(x, norm.weight, norm.eps, norm.residual)[0]
-
-    def separate(
-        project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> Callable[[torch.Tensor], None]:
+    def separate(project: object) -> object:
         def run(weight: torch.Tensor) -> None:
-            q, key, value = project(normed(), weight).split(sizes, dim=-1)
+            q, key, value = project(weight).split(sizes, dim=-1)  # type: ignore[operator]
             q, key = rotary_triton(
                 positions, q.view(1, num_heads, head_dim), key.view(1, num_kv_heads, head_dim), cos, sin
             )
@@ -229,12 +167,12 @@ def fastest_qkv(
 
         return run
 
-    rest = (positions, cos, sin, cache, slots, num_heads, num_kv_heads)
-    candidates: dict[str, Callable[[torch.Tensor], object]] = {
-        "cublas": separate(lambda h, weight: F.linear(h, weight, bias)),
-        "gemv": separate(lambda h, weight: gemv(h, weight, bias)),
-        "fused": lambda weight: qkv_rotary_store(normed(), weight, bias, *rest),
-        "fused_norm": lambda weight: qkv_norm_rotary_store(x, norm, weight, bias, *rest),
+    candidates = {
+        "cublas": separate(lambda weight: F.linear(x, weight, bias)),
+        "gemv": separate(lambda weight: gemv(x, weight, bias)),
+        "fused": lambda weight: qkv_rotary_store(
+            x, weight, bias, positions, cos, sin, cache, slots, num_heads, num_kv_heads
+        ),
     }
-    times = {name: graph_time_us(fn, weights) for name, fn in candidates.items()}
+    times = {name: graph_time_us(fn, weights) for name, fn in candidates.items()}  # type: ignore[arg-type]
     return min(times, key=times.__getitem__)

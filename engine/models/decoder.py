@@ -14,7 +14,7 @@ from torch import nn
 from engine.model_config import ModelConfig
 from engine.models.layers import FusedQkv, Linear, RMSNorm, RotaryEmbedding
 from kernels.backend import AttentionBackend
-from kernels.elementwise import TORCH_OPS, ElementwiseOps, NormInput
+from kernels.elementwise import TORCH_OPS, ElementwiseOps
 from kernels.metadata import AttentionMetadata
 
 
@@ -69,26 +69,6 @@ class Attention(nn.Module):
         self.backend.store(k, v, kv_cache, slot_mapping)
         return q
 
-    def project_normed(
-        self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        norm: RMSNorm,
-        positions: torch.Tensor,
-        kv_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(query, residual stream) from the fused kernel with `norm` folded in, when it takes
-        these rows; None otherwise (the caller then runs the norm and `project`)."""
-        fused = self.fused_qkv
-        if fused is None or fused.norm_kernel is None or hidden.shape[0] > fused.max_rows:
-            return None
-        qkv, rotary = self.qkv_proj, self.rotary
-        return fused.norm_kernel(
-            hidden, NormInput(residual, norm.weight, norm.eps), qkv.weight, qkv.bias, positions,
-            rotary.cos, rotary.sin, kv_cache, slot_mapping, self.num_heads, self.num_kv_heads,
-        )  # fmt: skip
-
     def attend(
         self,
         query: torch.Tensor,
@@ -111,24 +91,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_from(self.gate_up_proj(x))
-
-    def normed_forward(
-        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mlp(norm(x + residual)), x + residual), the norm folded into the gate_up kernel
-        when it has one for these rows."""
-        skinny = self.gate_up_proj.skinny
-        if skinny is not None and skinny.norm_kernel is not None and x.shape[0] <= skinny.max_rows:
-            proj = self.gate_up_proj
-            gate_up, residual = skinny.norm_kernel(
-                x, NormInput(residual, norm.weight, norm.eps), proj.weight, proj.bias
-            )
-            return self.down_from(gate_up), residual
-        normed, residual = norm(x, residual)
-        return self.forward(normed), residual
-
-    def down_from(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
         down = self.down_proj
         if down.skinny is not None and down.skinny.fold_silu and gate_up.shape[0] <= down.skinny.max_rows:
             # The activation folded into the down projection's loads: one launch fewer.
@@ -167,11 +130,6 @@ class DecoderLayer(nn.Module):
         slot_mapping: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, residual stream): the layer's work before attention, keys and values stored."""
-        fused = self.self_attn.project_normed(
-            hidden, residual, self.input_layernorm, positions, kv_cache, slot_mapping
-        )
-        if fused is not None:
-            return fused
         normed, residual = self.input_layernorm(hidden, residual)
         return self.self_attn.project(normed, positions, kv_cache, slot_mapping), residual
 
@@ -179,9 +137,8 @@ class DecoderLayer(nn.Module):
         self, attn_out: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sublayer output, residual stream) from attention's output [T, heads, head_dim]."""
-        return self.mlp.normed_forward(
-            self.self_attn.output(attn_out), residual, self.post_attention_layernorm
-        )
+        normed, residual = self.post_attention_layernorm(self.self_attn.output(attn_out), residual)
+        return self.mlp(normed), residual
 
 
 class DecoderModel(nn.Module):

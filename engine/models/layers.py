@@ -23,21 +23,15 @@ class SkinnyMatmul:
     kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
     max_rows: int
     fold_silu: bool = False
-    # (x, NormInput, weight, bias) -> (y, x + residual): the preceding RMSNorm folded in.
-    norm_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
 class FusedQkv:
     """The qkv projection of at most `max_rows` rows with rotary and the KV store in one kernel:
-    (x, weight, bias, positions, cos, sin, kv_cache, slot_mapping, heads, kv_heads) -> query.
-
-    With `norm_kernel`, the layer's input RMSNorm is folded in too: (x, NormInput, weight,
-    bias, positions, ...) -> (query, x + residual)."""
+    (x, weight, bias, positions, cos, sin, kv_cache, slot_mapping, heads, kv_heads) -> query."""
 
     kernel: Callable[..., torch.Tensor]
     max_rows: int
-    norm_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Linear(nn.Linear):

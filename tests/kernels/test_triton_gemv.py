@@ -77,23 +77,3 @@ def test_engine_linear_takes_the_kernel_for_few_rows_only(tiny_model_dir) -> Non
         x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16, device="cuda")
         assert relative_error(layer(x), F.linear(x.float(), layer.weight.float())) < 1e-2
     assert calls == [1, 16]  # 17 rows went to cuBLAS
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 4, 16])
-@pytest.mark.parametrize("n, k", [(28672, 4096), (100, 72), (17920, 1536)])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_gemv_folds_the_rms_norm_in(
-    dtype: torch.dtype, rows: int, n: int, k: int, with_residual: bool
-) -> None:
-    from kernels.elementwise import NormInput
-    from kernels.elementwise_ref import rms_norm_ref
-
-    x = torch.randn(rows, k, dtype=dtype, device="cuda")
-    residual = torch.randn(rows, k, dtype=dtype, device="cuda") if with_residual else None
-    norm_weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
-    weight = torch.randn(n, k, dtype=dtype, device="cuda") * k**-0.5
-    out, summed = triton_gemv.gemv_rms_norm(x, NormInput(residual, norm_weight, 1e-5), weight)
-    normed, expected_sum = rms_norm_ref(x, norm_weight, 1e-5, residual)
-    assert torch.equal(summed, expected_sum)  # the residual stream, rounded like a torch add
-    assert relative_error(out, F.linear(normed.float(), weight.float())) < 1e-2
