@@ -36,11 +36,12 @@ def pdl_prologue(USE_PDL: tl.constexpr):
 
 @functools.cache
 def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    # NVIDIA only: a ROCm build reports AMD GPUs as "cuda" devices with capabilities of 9.x.
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on this device launch with PDL: a Hopper or later GPU, unless turned off."""
+    """Whether kernels on this device launch with PDL: an NVIDIA Hopper or later, unless turned off."""
     if device.type != "cuda" or os.environ.get("PREFIXGATE_PDL", "1") == "0":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
