@@ -14,6 +14,8 @@ import itertools
 import random
 import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +25,6 @@ from engine.batch import SequenceChunk, build_forward_batch
 from engine.core import EngineCore
 from engine.sampler import SamplingInputs
 from engine.sampling_params import SamplingParams
-from kernels.triton_pdl import use_pdl
 
 
 def main() -> None:
@@ -79,6 +80,8 @@ def main() -> None:
     roofline = weight_bytes_per_step(engine.model_config) / bandwidth
     gemv = _gemv_time(engine.runner.model, device)
     print(f"card {torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    from kernels.triton_pdl import use_pdl  # needs triton: not at import (tests/bench reads this module)
+
     print(f"skinny matmuls on: {', '.join(engine.skinny_matmuls) or 'none'}; PDL {use_pdl(device)}")
     print(f"roofline (weights / bandwidth): {roofline * 1e3:.2f} ms")
     print(f"graph replay GPU time: {statistics.median(gpu_replay) * 1e3:.2f} ms")
@@ -112,44 +115,61 @@ def _kernel_table(engine: EngineCore, prompt: list[int], steps: int = 20) -> Non
             engine.step()
         torch.cuda.synchronize()
     engine.abort(request.request_id)
-    _timeline(prof, steps)
-    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    rows.sort(key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in rows) / steps
-    print(f"kernels per decode step (batch 1, {steps} steps): {total / 1e3:.3f} ms of GPU time")
-    for e in rows[:18]:
-        per_step = e.device_time_total / steps
-        calls = e.count / steps
-        each = per_step / max(calls, 1e-9)
-        print(f"  {per_step / 1e3:7.3f} ms  {calls:6.1f}x  {each:7.2f} us  {e.key[:90]}")
+    spans = [
+        KernelSpan(e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()  # type: ignore[attr-defined]
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    for line in timeline_report(spans, steps):
+        print(line)
 
 
-def _timeline(prof: object, steps: int, window: int = 24) -> None:
-    """Kernel time against the span it covers (the rest is the GPU idle between kernels, inside
-    graph replays and between steps), and one stretch of consecutive kernels with their gaps."""
-    kernels = sorted(
-        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),  # type: ignore[attr-defined]
-        key=lambda e: e.time_range.start,
-    )
-    if not kernels:
-        return
-    busy = sum(e.time_range.end - e.time_range.start for e in kernels)
-    span = kernels[-1].time_range.end - kernels[0].time_range.start
-    print(
-        f"timeline: {len(kernels) / steps:.0f} kernels a step, {busy / steps / 1e3:.3f} ms busy in "
-        f"{span / steps / 1e3:.3f} ms of span ({(span - busy) / steps / 1e3:.3f} ms between kernels)"
-    )
-    gaps: dict[str, list[float]] = {}
-    for before, after in itertools.pairwise(kernels):
-        gaps.setdefault(after.name[:40], []).append(after.time_range.start - before.time_range.end)
-    for name, values in sorted(gaps.items(), key=lambda kv: -sum(kv[1])):
-        median = statistics.median(values)
-        print(f"  gap before {name:40s} {median:6.2f} us median, {len(values) / steps:5.1f}x")
-    middle = len(kernels) // 2
-    for before, after in itertools.pairwise(kernels[middle : middle + window]):
-        gap = after.time_range.start - before.time_range.end
-        took = after.time_range.end - after.time_range.start
-        print(f"  +{gap:6.2f} us  {took:7.2f} us  {after.name[:80]}")
+@dataclass(frozen=True)
+class KernelSpan:
+    name: str
+    start_us: float
+    end_us: float
+
+
+def timeline_report(spans: Sequence[KernelSpan], steps: int, window: int = 24, top: int = 18) -> list[str]:
+    """Kernel time by kind, the GPU idle between kernels, and one stretch of consecutive kernels.
+
+    A kernel's time here is what it adds past the end of the kernel before it: with
+    programmatic dependent launch (kernels/triton_pdl.py) a kernel is placed before its
+    predecessor ends and waits inside, so its own start-to-end time double-counts the overlap;
+    without PDL the two are the same. The sum of these times and the gaps is the span."""
+    ordered = sorted(spans, key=lambda s: s.start_us)
+    if not ordered:
+        return []
+    added: list[float] = []
+    gaps: list[float] = []
+    previous_end = ordered[0].start_us
+    for span in ordered:
+        gaps.append(max(0.0, span.start_us - previous_end))
+        added.append(max(0.0, span.end_us - max(span.start_us, previous_end)))
+        previous_end = max(previous_end, span.end_us)
+    busy = sum(added)
+    span_us = previous_end - ordered[0].start_us
+    lines = [
+        f"timeline: {len(ordered) / steps:.0f} kernels a step, {busy / steps / 1e3:.3f} ms of kernel time "
+        f"in {span_us / steps / 1e3:.3f} ms of span ({sum(gaps) / steps / 1e3:.3f} ms between kernels)"
+    ]
+    by_kind: dict[str, list[tuple[float, float]]] = {}
+    for span, time_us, gap in zip(ordered, added, gaps, strict=True):
+        by_kind.setdefault(span.name[:90], []).append((time_us, gap))
+    lines.append("kernel time a step (past the previous kernel's end), calls, each, median gap before:")
+    for name, values in sorted(by_kind.items(), key=lambda kv: -sum(t for t, _ in kv[1]))[:top]:
+        total = sum(t for t, _ in values) / steps
+        calls = len(values) / steps
+        gap = statistics.median(g for _, g in values)
+        lines.append(
+            f"  {total / 1e3:7.3f} ms  {calls:6.1f}x  {total / calls:7.2f} us  +{gap:.2f} us  {name}"
+        )
+    middle = len(ordered) // 2
+    lines.append(f"{window} consecutive kernels: gap before, time past the previous end, name")
+    for span, time_us, gap in list(zip(ordered, added, gaps, strict=True))[middle : middle + window]:
+        lines.append(f"  +{gap:.2f} us  {time_us:7.2f} us  {span.name[:80]}")
+    return lines
 
 
 def _engine_step_period(engine: EngineCore, prompt: list[int], overlap: bool, steps: int) -> float:
