@@ -104,6 +104,9 @@ def _decode(decode: Any, body: bytes, into: type[T], kind: str) -> T:
             text = "the request body must be a JSON object"
         raise ApiError(400, f"invalid request: {text}", param=param) from None
     except msgspec.DecodeError as err:
+        if "UTF-8" in str(err):  # msgspec >= 0.23 checks strings' encoding itself
+            where = "the request body" if kind == "JSON" else "a string in the request body"
+            raise bad_request(f"{where} is not valid UTF-8: {err}") from None
         raise bad_request(f"the request body is not valid {kind}: {err}") from None
     except UnicodeDecodeError as err:
         raise bad_request(f"the request body is not valid UTF-8: {err.reason} at byte {err.start}") from None
