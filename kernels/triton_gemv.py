@@ -6,7 +6,7 @@ steps with several loads in flight, multiplying with `tl.dot` on the x rows padd
 (the MMA's smallest M), so W is read exactly once whatever M is. Timed inside CUDA graphs on an
 H200 with weights rotating past the L2 (`python -m kernels.bench_gemv`), it reads 3-12% faster
 than cuBLAS on an 8B model's o_proj, down and LM head and ties on qkv and gate_up; which of the
-two runs is measured per weight shape on the device (`choose_gemv`), so a card where cuBLAS
+two runs is measured per weight shape on the device (`fastest_kernel`), so a card where cuBLAS
 wins keeps cuBLAS.
 
 `SILU_MUL` folds the MLP's activation into the down projection's loads: x is then the gate_up
