@@ -69,17 +69,10 @@ def _fuse_qkv(model: CausalLM) -> bool:
     if config.qk_norm or config.head_dim % 64:
         return False  # a norm between projection and rotary; or a head the kernel does not split
     attentions = [layer.self_attn for layer in model.model.layers]
-    first = attentions[0]
     rotary = model.model.rotary
     weights = [a.qkv_proj.weight for a in attentions[:4]]  # type: ignore[union-attr]
-    fastest = fastest_qkv(
-        weights,
-        first.qkv_proj.bias,
-        rotary.cos,
-        rotary.sin,
-        config.num_heads,
-        config.num_kv_heads,  # type: ignore[union-attr,arg-type]
-    )
+    bias = attentions[0].qkv_proj.bias  # type: ignore[union-attr]
+    fastest = fastest_qkv(weights, bias, rotary.cos, rotary.sin, config.num_heads, config.num_kv_heads)  # type: ignore[arg-type]
     if fastest != "fused":
         return False
     fused = FusedQkv(qkv_rotary_store, GEMV_MAX_ROWS)

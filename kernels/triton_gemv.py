@@ -164,5 +164,12 @@ def fastest_kernel(weights: Sequence[torch.Tensor], has_bias: bool, activation: 
     }
     if activation:
         candidates["gemv_fused"] = lambda weight: gemv(x, weight, bias, silu_mul=True)
+    return fastest_of(candidates, weights)
+
+
+def fastest_of(
+    candidates: dict[str, Callable[[torch.Tensor], object]], weights: Sequence[torch.Tensor]
+) -> str:
+    """The name of the candidate whose calls over `weights` take the least GPU time (graph_time_us)."""
     times = {name: graph_time_us(fn, weights) for name, fn in candidates.items()}
     return min(times, key=times.__getitem__)

@@ -14,6 +14,8 @@ Not for models with q/k norms (Qwen3: the norm sits between projection and rotar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -145,7 +147,7 @@ def fastest_qkv(
     import torch.nn.functional as F
 
     from kernels.triton_elementwise import rotary_triton
-    from kernels.triton_gemv import gemv, graph_time_us
+    from kernels.triton_gemv import fastest_of, gemv
     from kernels.triton_store import store_kv_triton
 
     n, k = weights[0].shape
@@ -157,9 +159,9 @@ def fastest_qkv(
     cache = torch.zeros((2, 2, 16, num_kv_heads, head_dim), device=device, dtype=dtype)
     sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
 
-    def separate(project: object) -> object:
+    def separate(project: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], None]:
         def run(weight: torch.Tensor) -> None:
-            q, key, value = project(weight).split(sizes, dim=-1)  # type: ignore[operator]
+            q, key, value = project(weight).split(sizes, dim=-1)
             q, key = rotary_triton(
                 positions, q.view(1, num_heads, head_dim), key.view(1, num_kv_heads, head_dim), cos, sin
             )
@@ -167,12 +169,11 @@ def fastest_qkv(
 
         return run
 
-    candidates = {
+    candidates: dict[str, Callable[[torch.Tensor], object]] = {
         "cublas": separate(lambda weight: F.linear(x, weight, bias)),
         "gemv": separate(lambda weight: gemv(x, weight, bias)),
         "fused": lambda weight: qkv_rotary_store(
             x, weight, bias, positions, cos, sin, cache, slots, num_heads, num_kv_heads
         ),
     }
-    times = {name: graph_time_us(fn, weights) for name, fn in candidates.items()}  # type: ignore[arg-type]
-    return min(times, key=times.__getitem__)
+    return fastest_of(candidates, weights)
