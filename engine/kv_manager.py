@@ -38,11 +38,11 @@ class KVCacheManager:
 
     # -- prefix matching ---------------------------------------------------------------
     def _hashes(self, request: Request, num_blocks: int) -> list[int]:
-        if len(request.block_hashes) < num_blocks:
-            request.block_hashes = self.hasher.hashes(
-                request.token_ids[: num_blocks * self.block_size], request.cache_salt, request.block_hashes
-            )
-        return request.block_hashes[:num_blocks]
+        hashes = request.block_hashes
+        if len(hashes) < num_blocks:
+            salt, packed = request.cache_salt, request.packed_prompt
+            self.hasher.extend(hashes, request.token_ids, num_blocks, salt, packed)
+        return hashes if len(hashes) == num_blocks else hashes[:num_blocks]
 
     def _max_matchable_blocks(self, request: Request) -> int:
         # At least the last token is always computed: its logits give the next token.

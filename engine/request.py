@@ -86,6 +86,8 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
     times: RequestTimes = field(default_factory=RequestTimes)
+    # The prompt's ids as u32le bytes (validation packs them): its block hashes read these.
+    packed_prompt: bytes = b""
 
     @property
     def num_tokens(self) -> int:

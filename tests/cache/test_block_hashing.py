@@ -13,7 +13,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.hashing import BLOCK_HASH_SEED, BlockHasher, first_block_extra, hash_block
+from cache.hashing import BLOCK_HASH_SEED, BlockHasher, first_block_extra, hash_block, pack_token_ids
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -70,6 +70,37 @@ def test_hasher_agrees_with_hash_block() -> None:
     h1 = hash_block(h0, tokens[3:6])
     h2 = hash_block(h1, tokens[6:9])
     assert hashes == [h0, h1, h2]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 2**32 - 1), max_size=60),
+    steps=st.lists(st.integers(0, 15), min_size=1, max_size=5),
+    packed_len=st.integers(0, 60),
+    salt=st.one_of(st.none(), st.text(max_size=4)),
+)
+def test_extend_in_steps_equals_hashes_at_once(
+    tokens: list[int], steps: list[int], packed_len: int, salt: str | None
+) -> None:
+    # The engine grows a request's hashes block by block, from its packed prompt where the
+    # blocks lie inside it and from the id list past it: same hashes as one call.
+    hasher = BlockHasher(MODEL, 4)
+    packed = pack_token_ids(tokens[:packed_len])
+    grown: list[int] = []
+    target = 0
+    for step in steps:
+        target = min(target + step, len(tokens) // 4)
+        hasher.extend(grown, tokens, target, salt, packed)
+        assert len(grown) == target
+    assert grown == hasher.hashes(tokens, salt)[:target]
+
+
+def test_extend_rejects_more_blocks_than_tokens() -> None:
+    hasher = BlockHasher(MODEL, 4)
+    with pytest.raises(ValueError):
+        hasher.extend([], list(range(7)), 2)
+    with pytest.raises(ValueError):
+        hasher.hashes(list(range(7)), known=[1, 2])
 
 
 def test_partial_trailing_block_ignored() -> None:
