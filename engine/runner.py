@@ -22,6 +22,7 @@ from engine.request import TokenLogprob
 from engine.sampler import Sampler, SamplerOutput, SamplingInputs
 from engine.scheduler import SampledToken, SchedulePlan
 from engine.structured.outputs import PendingMask
+from kernels.argmax import default_argmax
 
 
 class ModelRunner:
@@ -41,7 +42,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
-        self.sampler = Sampler()
+        self.sampler = Sampler(default_argmax(self.device))
         self.last_step_kind = ""  # how the last plan ran: "graph", "piecewise" or "eager"
         # Sampled ids of the last two launches, by slot: step N reads step N-1's half while
         # it writes its own, and the host has read step N-2's before step N is planned.

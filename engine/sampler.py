@@ -31,6 +31,7 @@ import torch
 from engine.batch import to_device
 from engine.sampling_params import SamplingParams
 from engine.structured.bitmask import apply_blocked
+from kernels.argmax import ArgmaxFn, torch_argmax
 
 _NEG_INF = float("-inf")
 # q is clamped away from 0 so that a masked token (prob 0) never scores 0/0 = NaN, which
@@ -296,7 +297,14 @@ def _masked(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
 
 
 class Sampler:
-    """Turns one step's logits into tokens (and logprobs) for every row in one batched pass."""
+    """Turns one step's logits into tokens (and logprobs) for every row in one batched pass.
+
+    `argmax` picks greedy tokens (and the winners of the exponential race): torch's on the
+    CPU, a Triton kernel spread over the GPU on CUDA (kernels/argmax.py).
+    """
+
+    def __init__(self, argmax: ArgmaxFn = torch_argmax) -> None:
+        self._argmax = argmax
 
     def probabilities(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         """[B, V] float32 distribution each random row draws from (penalties, temperature, filters).
@@ -310,19 +318,28 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[1] != inputs.vocab_size:
             raise ValueError(f"logits must be [B, {inputs.vocab_size}], got {tuple(logits.shape)}")
+        if (
+            inputs.all_greedy
+            and not inputs.any_penalties
+            and inputs.max_num_logprobs is None
+            and inputs.grammar_blocked is None
+        ):
+            # Plain greedy: the argmax of the logits as they come (a float32 copy of a
+            # bfloat16 row has the same maximum at the same place).
+            return SamplerOutput(self._argmax(logits), None, None, None)
         logits = apply_penalties(logits.float(), inputs)
         all_logprobs = logits.log_softmax(dim=-1) if inputs.max_num_logprobs is not None else None
         logits = _masked(logits, inputs)
 
         if inputs.all_greedy:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = self._argmax(logits)
         else:
             probs = self._filtered_logits(logits, inputs).softmax(dim=-1)
-            sampled = probs.div_(_exponential_noise(probs, inputs)).argmax(dim=-1)
+            sampled = self._argmax(probs.div_(_exponential_noise(probs, inputs)))
             if inputs.all_random:
                 token_ids = sampled
             else:
-                token_ids = torch.where(inputs.greedy, logits.argmax(dim=-1), sampled)
+                token_ids = torch.where(inputs.greedy, self._argmax(logits), sampled)
 
         if all_logprobs is None or inputs.max_num_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
