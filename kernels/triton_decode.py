@@ -3,11 +3,9 @@
 One program owns (sequence, KV head, split): it loads the query rows of every head that
 shares that KV head (the group, padded to at least 16 rows for tl.dot), so each K/V tile is
 read once per KV head, not once per query head. Long contexts are cut into splits; each
-split writes its unnormalised accumulator with its running max and sum, and the splits are
-combined by the last split program of each (sequence, KV head) to finish: an arrival counter
-says which, so no second kernel (and no kernel boundary, ~2.5 us a layer at batch 1) is
-needed. Where the counters do not cover the grid, a small second kernel combines instead.
-With one split the first kernel writes the output directly.
+split writes its unnormalised accumulator with its running max and sum, and a small second
+kernel combines the splits. With one split the first kernel writes the output directly and
+the second is skipped.
 
 The host fixes the number of splits (from its sizes: batch, KV heads, longest context); each
 sequence then divides its own length, read on the device, into that many splits of whole
@@ -16,9 +14,6 @@ the longest allowed context, still spreads over the splits instead of leaving th
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
@@ -32,31 +27,6 @@ MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 64
 # Programs per multiprocessor the split count aims for: one is too few loads in flight.
 PROGRAMS_PER_SM = 2
-# Partial accumulators the folded reduce loads per round (GROUP_P2 x SPLIT_CHUNK x head_dim):
-# 64 float32 registers a thread at 4 warps.
-FOLD_ELEMENTS = 8192
-# Arrival counters per device, one per (sequence, KV head) of a launch: allocated once, zero,
-# and zeroed again by the program that counts last, so CUDA graphs can replay over them.
-MAX_COUNTERS = 1 << 16
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-@functools.cache
-def fold_disabled() -> bool:
-    """`PREFIXGATE_DECODE_FOLD=0`: combine splits in the second kernel (to compare)."""
-    return os.environ.get("PREFIXGATE_DECODE_FOLD", "1") == "0"
-
-
-def arrival_counters(device: torch.device) -> torch.Tensor | None:
-    """The device's counters, made on first use; None while a CUDA graph is being captured
-    before they exist (an allocation then would belong to the graph's memory pool)."""
-    device = torch.device(device.type, device.index if device.index is not None else 0)
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _counters[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
-    return counters
 
 
 @triton.jit
@@ -75,7 +45,6 @@ def _decode_kernel(
     partial_acc_ptr,
     partial_max_ptr,
     partial_sum_ptr,
-    counters_ptr,
     scale_log2,
     stride_query_token,
     stride_query_head,
@@ -94,9 +63,6 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
-    FOLD_REDUCE: tl.constexpr,
-    GROUP_P2: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -162,65 +128,6 @@ def _decode_kernel(
         tl.store(partial_acc_ptr + index[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_valid[:, None])
         tl.store(partial_max_ptr + index, row_max, mask=row_valid)
         tl.store(partial_sum_ptr + index, row_sum, mask=row_valid)
-        if FOLD_REDUCE:
-            # Every thread's stores are issued before one thread releases them with the
-            # counter; the program that counts last acquires them all and combines.
-            tl.debug_barrier()
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == tl.cdiv(seq_len, split_tokens) - 1:
-                tl.store(counter, 0)  # zero again for the next launch (graph replays reuse it)
-                _combine_group_splits(
-                    partial_acc_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, seq, kv_head,
-                    tl.cdiv(seq_len, split_tokens), stride_out_token, stride_out_head, num_heads,
-                    num_splits, GROUP, GROUP_P2, SPLIT_CHUNK, HEAD_DIM,
-                )  # fmt: skip
-
-
-@triton.jit
-def _combine_group_splits(
-    partial_acc_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, seq, kv_head, used,
-    stride_out_token, stride_out_head, num_heads, num_splits,
-    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
-):  # fmt: skip
-    """The group's heads' outputs from their `used` splits, SPLIT_CHUNK splits a round.
-
-    Loads bypass L1 (.cg): the partials were written by other programs, on other SMs.
-    """
-    lanes = tl.arange(0, GROUP_P2 * SPLIT_CHUNK)
-    lane_head = lanes // SPLIT_CHUNK
-    dims = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + tl.arange(0, GROUP_P2)
-    run_max = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros([GROUP_P2], dtype=tl.float32)
-    run_acc = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
-    for first in range(0, used, SPLIT_CHUNK):
-        split = first + lanes % SPLIT_CHUNK
-        valid = (lane_head < GROUP) & (split < used)
-        index = (seq.to(tl.int64) * num_heads + kv_head * GROUP + lane_head) * num_splits + split
-        part_max = tl.load(partial_max_ptr + index, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        part_sum = tl.load(partial_sum_ptr + index, mask=valid, other=0.0, cache_modifier=".cg")
-        part_acc = tl.load(
-            partial_acc_ptr + index[:, None] * HEAD_DIM + dims[None, :],
-            mask=valid[:, None],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        part_max = tl.reshape(part_max, [GROUP_P2, SPLIT_CHUNK])
-        new_max = tl.maximum(run_max, tl.max(part_max, 1))
-        weight = tl.math.exp2(part_max - new_max[:, None])
-        weight = tl.where(tl.reshape(valid, [GROUP_P2, SPLIT_CHUNK]), weight, 0.0)
-        alpha = tl.math.exp2(run_max - new_max)  # 0 in the first round
-        run_sum = run_sum * alpha + tl.sum(tl.reshape(part_sum, [GROUP_P2, SPLIT_CHUNK]) * weight, 1)
-        part_acc = tl.reshape(part_acc, [GROUP_P2, SPLIT_CHUNK, HEAD_DIM])
-        run_acc = run_acc * alpha[:, None] + tl.sum(part_acc * weight[:, :, None], 1)
-        run_max = new_max
-    out = run_acc / run_sum[:, None]
-    tl.store(
-        out_ptr + seq.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + dims[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=(tl.arange(0, GROUP_P2) < GROUP)[:, None],
-    )
 
 
 @triton.jit(do_not_specialize=["num_heads", "num_splits"])
@@ -317,12 +224,6 @@ def paged_decode_triton(
     else:
         splits, _ = splits_for(max_seq_len, min(num_splits, MAX_SPLITS), block_n)
     single = splits == 1
-    group_p2 = next_power_of_two(group)
-    split_chunk = max(1, min(next_power_of_two(splits), FOLD_ELEMENTS // (group_p2 * head_dim)))
-    counters = None
-    if not single and num_seqs * num_kv_heads <= MAX_COUNTERS and not fold_disabled():
-        counters = arrival_counters(query.device)
-    fold = counters is not None
     if single:
         partial_acc = partial_max = partial_sum = out  # unused
     else:
@@ -340,7 +241,6 @@ def paged_decode_triton(
         partial_acc,
         partial_max,
         partial_sum,
-        counters if fold else seq_lens,  # unused without the fold
         scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -359,9 +259,6 @@ def paged_decode_triton(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
-        FOLD_REDUCE=fold,
-        GROUP_P2=group_p2,
-        SPLIT_CHUNK=split_chunk,
         PRECISION=dot_precision(query.dtype),
         num_warps=4,
         # float32 tiles are twice the bytes: two stages keep a d256 tile inside shared memory.
@@ -369,7 +266,7 @@ def paged_decode_triton(
         USE_PDL=pdl,
         launch_pdl=pdl,
     )
-    if not single and not fold:
+    if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             partial_acc,
             partial_max,

@@ -237,33 +237,6 @@ def test_decode_any_split_count_gives_the_same_attention(num_splits, host_max_se
     assert error < HALF_TOLERANCE, f"seed {seed}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("fold", [True, False], ids=["folded-reduce", "reduce-kernel"])
-def test_decode_split_combine_paths_agree_and_leave_counters_zero(fold: bool, monkeypatch) -> None:
-    """The last split program to arrive combines (the counters must be zero again after
-    every launch, as graph replays reuse them), or the second kernel does: same attention,
-    twice in a row. Group 3 (12 heads on 4) pads the group's heads to 4."""
-    import kernels.triton_decode as triton_decode
-
-    monkeypatch.setattr(triton_decode, "fold_disabled", lambda: not fold)
-    gen, seed = fresh_generator()
-    lens = [3, 64, 65, 640, 1500]
-    batch = PagedBatch([1] * len(lens), lens, 12, 4, 64, 16, torch.float16, gen)
-    store_kv(batch.key, batch.value, batch.cache, batch.metadata.slot_mapping)
-    reference = batch.reference()
-    batch.to(DEVICE)
-    m = batch.metadata
-    for _ in range(2):
-        out = torch.full_like(batch.query, float("nan"))
-        paged_decode_triton(
-            batch.query, batch.cache, m.block_tables, m.seq_lens, 4096, batch.scale, out, num_splits=40
-        )
-        out = out.cpu()
-        assert torch.isfinite(out).all(), f"seed {seed}"
-        assert relative_error(out, reference) < HALF_TOLERANCE, f"seed {seed}"
-    counters = triton_decode.arrival_counters(batch.query.device)
-    assert counters is not None and int(counters.count_nonzero()) == 0
-
-
 # --- extend (prefill chunks, with decodes mixed in) --------------------------------------------
 
 
