@@ -19,7 +19,9 @@ from kernels.triton_pdl import pdl_prologue, use_pdl
 
 # Columns per program of the first pass: 126 programs for a 128k vocabulary at batch 1.
 CHUNK = 1024
-_NO_INDEX = 2**31 - 1
+NO_INDEX = 2**31 - 1
+# Kernels may read only constexpr globals (the interpreter accepts any; the compiler does not).
+_NO_INDEX = tl.constexpr(NO_INDEX)
 
 
 @triton.jit
@@ -61,8 +63,8 @@ def argmax_triton(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 2:
         raise ValueError(f"argmax_triton takes [rows, columns], got {tuple(logits.shape)}")
     rows, n_cols = logits.shape
-    if n_cols == 0 or n_cols >= _NO_INDEX:
-        raise ValueError(f"argmax_triton needs 1 to {_NO_INDEX - 1} columns, got {n_cols}")
+    if n_cols == 0 or n_cols >= NO_INDEX:
+        raise ValueError(f"argmax_triton needs 1 to {NO_INDEX - 1} columns, got {n_cols}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
