@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from cache.block_pool import BlockPool, IntegrityError
 from cache.hashing import BlockHasher
+from cache.radix_hashes import read_cached_hashes
 from cache.radix_tree import RadixCache
 from engine.request import Request
 
@@ -40,8 +41,15 @@ class KVCacheManager:
     def _hashes(self, request: Request, num_blocks: int) -> list[int]:
         hashes = request.block_hashes
         if len(hashes) < num_blocks:
-            salt, packed = request.cache_salt, request.packed_prompt
-            self.hasher.extend(hashes, request.token_ids, num_blocks, salt, packed)
+            token_ids, salt, packed = request.token_ids, request.cache_salt, request.packed_prompt
+
+            def extend(hashes: list[int], up_to: int) -> None:
+                self.hasher.extend(hashes, token_ids, up_to, salt, packed)
+
+            if not hashes and self.tree is not None:
+                # Blocks the tree holds are read from it: one hash computed per node.
+                read_cached_hashes(self.tree, hashes, token_ids, num_blocks, extend)
+            extend(hashes, num_blocks)
         return hashes if len(hashes) == num_blocks else hashes[:num_blocks]
 
     def _max_matchable_blocks(self, request: Request) -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache.block_pool import BlockPool
 from cache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventQueue
 from cache.hashing import BlockHasher
+from cache.radix_hashes import read_cached_hashes
 from cache.radix_node import InsertResult, MatchResult, Node
 from cache.radix_tree import RadixCache
 from policies.eviction import EvictionPolicy, LFUEviction, LRUEviction
@@ -349,3 +352,50 @@ def test_locked_leaf_path_ids_stay_stable_through_splits() -> None:
     assert path_ids(f.tree, leaf) == before
     f.tree.unlock(leaf)
     f.check()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cached=st.lists(st.lists(st.integers(0, 3), max_size=12), max_size=4),
+    prompt=st.lists(st.integers(0, 3), max_size=14),
+    salt=st.sampled_from([None, "a"]),
+    num_blocks_cut=st.integers(0, 3),
+)
+def test_read_hashes_equals_hashing_every_block(
+    cached: list[list[int]], prompt: list[int], salt: str | None, num_blocks_cut: int
+) -> None:
+    # Hashes read from the tree's nodes (one computed per node) are those of the tokens.
+    f = Fixture(num_blocks=64)
+    for tokens in cached:
+        f.insert(tokens)
+    num_blocks = max(0, len(prompt) // BLOCK - num_blocks_cut)
+    hashes: list[int] = []
+    computed: list[int] = []
+
+    def extend(out: list[int], up_to: int) -> None:
+        computed.append(up_to - len(out))
+        HASHER.extend(out, prompt, up_to, salt)
+
+    read_cached_hashes(f.tree, hashes, prompt, num_blocks, extend)
+    assert len(hashes) <= num_blocks
+    extend(hashes, num_blocks)
+    assert hashes == HASHER.hashes(prompt, salt)[:num_blocks]
+    f.check()
+
+
+def test_read_hashes_computes_one_hash_per_node_of_a_cached_prefix() -> None:
+    f = Fixture(num_blocks=64)
+    prefix = list(range(40))
+    f.insert(prefix)
+    f.insert(prefix[:20] + [99] * 10)  # splits the first node after 10 blocks
+    prompt = [*prefix, 7, 7, 7]
+    calls: list[int] = []
+
+    def extend(out: list[int], up_to: int) -> None:
+        calls.append(up_to - len(out))
+        HASHER.extend(out, prompt, up_to)
+
+    hashes: list[int] = []
+    read_cached_hashes(f.tree, hashes, prompt, len(prompt) // BLOCK, extend)
+    # Two nodes found by their first hash; the third hash (block 20) finds nothing cached.
+    assert hashes == HASHER.hashes(prompt)[:21] and calls == [1, 1, 1]
