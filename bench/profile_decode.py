@@ -165,6 +165,8 @@ def timeline_report(spans: Sequence[KernelSpan], steps: int, window: int = 24, t
         lines.append(
             f"  {total / 1e3:7.3f} ms  {calls:6.1f}x  {total / calls:7.2f} us  +{gap:.2f} us  {name}"
         )
+    if not window:
+        return lines
     middle = len(ordered) // 2
     lines.append(f"{window} consecutive kernels: gap before, time past the previous end, name")
     for span, time_us, gap in list(zip(ordered, added, gaps, strict=True))[middle : middle + window]:

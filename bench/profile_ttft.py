@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from bench.offline import _random_prompt, build_engine, warm_up
+from bench.profile_decode import KernelSpan, timeline_report
 from bench.shapes import SHAPES
 from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
@@ -109,6 +110,9 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=8192, help="cached prefix tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens, and the bare prompt's length")
     parser.add_argument("--device", default="cuda", help="cpu: to try the script on a small shape")
+    parser.add_argument(
+        "--kernels", action="store_true", help="then each case's GPU time by kernel (torch.profiler)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     options: dict[str, Any] = {"max_num_seqs": 256, "max_batched_tokens": 8192}
@@ -137,6 +141,30 @@ def main() -> None:
     print(f"{'phase':<44}" + "".join(f"{name:>20}" for name in rows))
     for key in keys:
         print(f"{key:<44}" + "".join(f"{row.get(key, 0.0):>20.3f}" for row in rows.values()))
+    if args.kernels and device.type == "cuda":
+        for name, make in cases.items():
+            print(f"\n## {name}: kernels of one TTFT (median of {args.repeat})")
+            for line in kernel_table(engine, [make() for _ in range(args.repeat)]):
+                print(line)
+
+
+def kernel_table(engine: EngineCore, prompts: list[list[int]]) -> list[str]:
+    """The kernels of whole TTFTs (prefill and sampling), by kind, per TTFT."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for prompt in prompts:
+            engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+            while engine.has_unfinished:
+                engine.step()
+        torch.cuda.synchronize()
+    spans = [
+        KernelSpan(e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()  # type: ignore[attr-defined]
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    return timeline_report(spans, len(prompts), window=0, top=24)
 
 
 if __name__ == "__main__":

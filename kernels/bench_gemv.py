@@ -3,7 +3,8 @@
     python -m kernels.bench_gemv [--shape llama3-8b]
 
 For each projection of the shape and each row count, prints cuBLAS's time (F.linear) and the
-best GEMV launch, in us per call and as a share of the copy bandwidth measured in the same run.
+best GEMV launch (past 16 rows, `--rows 32,64,128`: the same kernel with block_m-row tiles),
+in us per call and as a share of the copy bandwidth measured in the same run.
 Weights rotate through copies (at least two, and 4x the L2 cache in all), as 32 layers do in a decode
 step, so no timing reads from L2. Every launch is checked against F.linear first.
 """
@@ -20,12 +21,23 @@ from triton.runtime.errors import OutOfResources
 from bench.offline import copy_bandwidth
 from bench.shapes import SHAPES, hf_config
 from engine.model_config import ModelConfig
-from kernels.triton_gemv import gemv, graph_time_us
+from kernels.triton_gemv import GEMV_MAX_ROWS, gemv, graph_time_us
 
 CONFIGS = [
     {"block_n": n, "block_k": k, "num_warps": w, "num_stages": s}
     for n, k, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4))
 ]
+
+
+def configs(rows: int) -> list[dict[str, int]]:
+    """The GEMV's launches for up to 16 rows; past that, skinny-GEMM tiles of block_m rows."""
+    if rows <= GEMV_MAX_ROWS:
+        return CONFIGS
+    block_m = max(GEMV_MAX_ROWS, 1 << (rows - 1).bit_length())
+    return [
+        {"block_m": block_m, "block_n": n, "block_k": k, "num_warps": w, "num_stages": s}
+        for n, k, w, s in itertools.product((64, 128, 256), (64, 128), (4, 8), (3, 4))
+    ]
 
 
 def projections(shape: str) -> dict[str, tuple[int, int]]:
@@ -60,7 +72,7 @@ def main() -> None:
             cublas = graph_time_us(lambda w, a=x: F.linear(a, w), weights)
             reference = F.linear(x.float(), weights[0].float())
             best: tuple[float, dict[str, int]] | None = None
-            for config in CONFIGS:
+            for config in configs(m):
                 try:
                     y = gemv(x, weights[0], launch=config).float()
                 except OutOfResources:

@@ -29,6 +29,9 @@ from kernels.triton_pdl import pdl_prologue, use_pdl
 
 # Rows up to this take the GEMV (one 16-row MMA tile); more rows are a real GEMM.
 GEMV_MAX_ROWS = 16
+# A launch with `block_m` takes up to that many rows in one tile (python -m kernels.bench_gemv
+# --rows 32,64,128 times such "skinny GEMMs" against cuBLAS; the engine does not use them yet).
+SKINNY_MAX_ROWS = 128
 
 
 # M is not specialised: a graph bucket per batch size would each compile a variant (~1 s).
@@ -36,16 +39,16 @@ GEMV_MAX_ROWS = 16
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr = 16,
 ):  # fmt: skip
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     dtype = y_ptr.dtype.element_ty
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -98,11 +101,15 @@ def gemv(
     """x [M, K] @ weight[N, K]^T (+ bias) for M <= GEMV_MAX_ROWS, in x's dtype.
 
     With `silu_mul`, x is [M, 2K] (gate, then up) and silu(gate) * up is what multiplies.
+    A `launch` with "block_m" (a power of two up to SKINNY_MAX_ROWS) takes up to that many rows.
     """
     rows, width = x.shape
     n, k = weight.shape
-    if rows > GEMV_MAX_ROWS:
-        raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {rows}")
+    block_m = (launch or {}).get("block_m", GEMV_MAX_ROWS)
+    if block_m not in (16, 32, 64, 128):
+        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    if rows > block_m:
+        raise ValueError(f"gemv takes at most {block_m} rows, got {rows}")
     if width != (2 * k if silu_mul else k) or weight.stride(1) != 1:
         raise ValueError(f"x [{rows}, {width}] does not fit a weight [{n}, {k}] with contiguous rows")
     if x.stride(1) != 1:
@@ -115,7 +122,7 @@ def gemv(
             x, weight, bias if bias is not None else weight, y, rows, n, k,
             x.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ONE_ROW=silu_mul and rows == 1,
-            BLOCK_N=options["block_n"], BLOCK_K=options["block_k"], USE_PDL=pdl,
+            BLOCK_N=options["block_n"], BLOCK_K=options["block_k"], USE_PDL=pdl, BLOCK_M=block_m,
             num_warps=options["num_warps"], num_stages=options["num_stages"], launch_pdl=pdl,
         )  # fmt: skip
     return y

@@ -43,6 +43,20 @@ def test_gemv_folds_the_activation_in(rows: int, n: int, k: int) -> None:
     assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("rows, block_m", [(17, 32), (32, 32), (50, 64), (100, 128), (128, 128), (3, 64)])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (100, 72), (28672, 4096)])
+def test_skinny_gemm_tiles_match_linear(rows: int, block_m: int, n: int, k: int) -> None:
+    # The same kernel with block_m-row tiles (kernels/bench_gemv.py --rows 32,64,128 times them).
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k**-0.5
+    launch = {"block_m": block_m, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    out = triton_gemv.gemv(x, weight, launch=launch)
+    assert relative_error(out, F.linear(x.float(), weight.float())) < 1e-2
+    with pytest.raises(ValueError, match=f"at most {block_m} rows"):
+        too_many = torch.randn(block_m + 1, k, dtype=torch.bfloat16, device="cuda")
+        triton_gemv.gemv(too_many, weight, launch=launch)
+
+
 def test_gemv_refuses_what_it_cannot_take() -> None:
     weight = torch.randn(64, 32, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="at most 16 rows"):
