@@ -23,8 +23,11 @@ from kernels.metadata import AttentionMetadata
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-# Token counts of one-sequence chunks; a chunk needs a bucket at least one token larger.
-PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Token counts of one-sequence chunks; a chunk runs the smallest bucket that holds it. A chunk
+# that fills its bucket exactly leaves the padding sequence no rows (it used to take the next
+# bucket: a 128-token prompt ran its matmuls on 256 rows, ~1.1 ms of an 8B model's 7.4 ms
+# forward on an H200). The in-between sizes keep padding under a third of a step.
+PREFILL_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def scratch_blocks_needed(block_size: int, max_batch: int) -> int:
@@ -153,7 +156,7 @@ class DecodeGraphs:
         return (
             bool(self._prefill_graphs)
             and metadata.num_seqs == 1
-            and metadata.query_lens_host[0] < self.prefill_buckets[-1]
+            and metadata.query_lens_host[0] <= self.prefill_buckets[-1]
         )
 
     def run_any(self, batch: ForwardBatch) -> torch.Tensor:
@@ -163,12 +166,15 @@ class DecodeGraphs:
         return self.run_prefill(batch)
 
     def _set_prefill_rows(self, count: int, bucket: int) -> None:
-        """Padding sequence (bucket - count tokens in the scratch blocks) and its table row."""
+        """Padding sequence (bucket - count tokens in the scratch blocks) and its table row.
+
+        With no padding rows it has no query tokens (attention's programs for it return at
+        once) and one cached token, the scratch block's first slot, so no length is zero."""
         pad = bucket - count
         self.input_ids[count:bucket].zero_()
         self.positions[count:bucket].copy_(self.pad_positions[:pad])
         self.slot_mapping[count:bucket].copy_(self.scratch_slots[:pad])
-        self.seq_lens[1:2].fill_(pad)
+        self.seq_lens[1:2].fill_(max(pad, 1))
         self.block_tables[1, : self.scratch_ids.shape[0]].copy_(self.scratch_ids)
         self.prefill_start_loc.copy_(
             to_device(torch.tensor([0, count, bucket], dtype=torch.int32), self.prefill_start_loc.device)
@@ -178,7 +184,7 @@ class DecodeGraphs:
     def run_prefill(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [1, vocab] of the last token of a one-sequence chunk."""
         count = batch.metadata.query_lens_host[0]
-        bucket = next(b for b in self.prefill_buckets if b > count)
+        bucket = next(b for b in self.prefill_buckets if b >= count)
         width = batch.metadata.block_tables.shape[1]
         self.input_ids[:count].copy_(batch.input_ids, non_blocking=True)
         self.positions[:count].copy_(batch.positions, non_blocking=True)

@@ -20,7 +20,7 @@ from bench.simulator.latency import LatencyModel
 from engine.cuda_graphs import PREFILL_BUCKETS
 from engine.piecewise_graphs import piecewise_buckets
 
-# The engine's chunk graphs take a one-sequence chunk of fewer tokens than the largest bucket.
+# The engine's chunk graphs take a one-sequence chunk of up to the largest bucket's tokens.
 GRAPH_CHUNK_TOKENS = PREFILL_BUCKETS[-1]
 # Extend attention splits the keys across programs only while a batch's query tiles cannot fill
 # the GPU (kernels/triton_extend_split.py, choose_extend_splits): for Llama-3-8B on an H100 or
@@ -35,7 +35,7 @@ Chunks = Sequence[tuple[int, int]]  # prompt chunks of 2+ tokens: (tokens, cache
 
 def step_kind(decodes: int, chunks: Chunks, rules: StepRules = PIECEWISE_ENGINE) -> str:
     """How the engine runs such a step: "graph", "piecewise", "split" or "eager" (engine/runner.py)."""
-    graph_chunk = len(chunks) == 1 and chunks[0][0] < GRAPH_CHUNK_TOKENS
+    graph_chunk = len(chunks) == 1 and chunks[0][0] <= GRAPH_CHUNK_TOKENS
     if not chunks or (graph_chunk and not decodes):
         return "graph"
     if graph_chunk and decodes <= rules.split_max_decodes:

@@ -95,6 +95,28 @@ def test_one_sequence_chunks_replay_graphs_and_match_eager(tiny_model_dir) -> No
     assert outputs[0] == outputs[1]
 
 
+def test_chunks_that_fill_a_prefill_bucket_match_eager(tiny_model_dir) -> None:
+    """A chunk of exactly a bucket's tokens runs that bucket with a padding sequence of no rows;
+    one token more takes the next bucket. Fresh prompts and one on a cached prefix."""
+    import random
+
+    from engine.sampling_params import SamplingParams
+
+    folder: Path = tiny_model_dir("llama")
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (16, 17, 48, 128, 129, 512)]
+    prompts.append(prompts[3] + [rng.randrange(3, 500) for _ in range(128)])  # 128 new on 128 cached
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outputs = []
+    for graphs in (False, True):
+        engine = _float32_engine(folder, graphs, num_blocks=512)
+        outputs.append([run_all(engine, [p], [params])["r0"] for p in prompts])
+        if graphs:
+            assert engine.runner.graphs is not None
+            assert engine.runner.graphs.prefill_replays >= len(prompts)
+    assert outputs[0] == outputs[1]
+
+
 def _float32_engine(folder: Path, graphs: bool, **options: int) -> EngineCore:
     config = EngineConfig(model=str(folder), device="cuda", dtype="float32", cuda_graphs=graphs, **options)  # type: ignore[arg-type]
     return EngineCore(config, load_model(folder, device="cuda"))
@@ -102,7 +124,7 @@ def _float32_engine(folder: Path, graphs: bool, **options: int) -> EngineCore:
 
 def _staggered_turns(engine: EngineCore, seed: int) -> dict[str, list[int]]:
     """Requests arriving one per step while earlier ones decode: each arrival's step holds the
-    running decodes beside one new prompt chunk (short, or past the chunk graphs' 511 tokens)."""
+    running decodes beside one new prompt chunk (short, or past the chunk graphs' 512 tokens)."""
     import random
 
     from engine.sampling_params import SamplingParams
