@@ -46,8 +46,9 @@ class KVCacheManager:
             def extend(hashes: list[int], up_to: int) -> None:
                 self.hasher.extend(hashes, token_ids, up_to, salt, packed)
 
-            if not hashes and self.tree is not None:
-                # Blocks the tree holds are read from it: one hash computed per node.
+            if not hashes and self.tree is not None and isinstance(token_ids, list):
+                # Blocks the tree holds are read from it: one hash computed per node (the
+                # simulator's requests, numpy ids with their hashes made up front, skip this).
                 read_cached_hashes(self.tree, hashes, token_ids, num_blocks, extend)
             extend(hashes, num_blocks)
         return hashes if len(hashes) == num_blocks else hashes[:num_blocks]

@@ -43,6 +43,7 @@ class SimRequest:
     output_len: int
     arrival_s: float
     cache_salt: str | None = None
+    packed_prompt: bytes = b""  # none: its hashes are made from token_ids
     generated: int = 0
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
