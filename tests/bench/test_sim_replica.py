@@ -161,9 +161,11 @@ def _chat(client: openai.OpenAI, system: str, question: str, max_tokens: int = 4
         usage.prompt_tokens_details.cached_tokens or 0,
     )
 
+    # A replica whose step loop died never answers: fail within a minute, not the SDK's ten.
+
 
 def _client(cluster: dict[str, object]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{cluster['gateway']}/v1", api_key="none", max_retries=0)
+    return openai.OpenAI(base_url=f"{cluster['gateway']}/v1", api_key="none", max_retries=0, timeout=60)
 
 
 def test_shared_prefix_goes_to_the_replica_that_holds_it(cluster: dict[str, object]) -> None:
@@ -203,7 +205,7 @@ def test_an_evicted_prefix_is_no_longer_predicted(cluster: dict[str, object]) ->
     predicted = sum(_metric(gateway, "prefixgate_gateway_predicted_cached_tokens_total").values()) - before
     assert replica == holder and cached >= 1200 - 16 and predicted == cached
     # Fill the holder's cache with other prompts, straight to the replica: LRU evicts the prefix.
-    direct = openai.OpenAI(base_url=f"{holder}/v1", api_key="none", max_retries=0)
+    direct = openai.OpenAI(base_url=f"{holder}/v1", api_key="none", max_retries=0, timeout=60)
     for seed in range(10, 16):
         direct.completions.create(model=MODEL, prompt=_words(cluster, 1000, seed=seed), max_tokens=2)
     time.sleep(0.5)  # the KV events reach the gateway's index
@@ -215,7 +217,7 @@ def test_an_evicted_prefix_is_no_longer_predicted(cluster: dict[str, object]) ->
 
 def test_load_reflects_queued_work(cluster: dict[str, object]) -> None:
     replica = str(cluster["replicas"][1])  # type: ignore[index]
-    direct = openai.OpenAI(base_url=f"{replica}/v1", api_key="none", max_retries=0)
+    direct = openai.OpenAI(base_url=f"{replica}/v1", api_key="none", max_retries=0, timeout=60)
     count = MAX_NUM_SEQS * 3
 
     def one(seed: int) -> int:
