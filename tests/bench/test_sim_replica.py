@@ -161,10 +161,9 @@ def _chat(client: openai.OpenAI, system: str, question: str, max_tokens: int = 4
         usage.prompt_tokens_details.cached_tokens or 0,
     )
 
-    # A replica whose step loop died never answers: fail within a minute, not the SDK's ten.
-
 
 def _client(cluster: dict[str, object]) -> openai.OpenAI:
+    # A replica whose step loop died never answers: fail within a minute, not the SDK's ten.
     return openai.OpenAI(base_url=f"{cluster['gateway']}/v1", api_key="none", max_retries=0, timeout=60)
 
 
