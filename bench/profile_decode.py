@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -115,12 +116,7 @@ def _kernel_table(engine: EngineCore, prompt: list[int], steps: int = 20) -> Non
             engine.step()
         torch.cuda.synchronize()
     engine.abort(request.request_id)
-    spans = [
-        KernelSpan(e.name, e.time_range.start, e.time_range.end)
-        for e in prof.events()  # type: ignore[attr-defined]
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    ]
-    for line in timeline_report(spans, steps):
+    for line in timeline_report(kernel_spans(prof), steps):
         print(line)
 
 
@@ -129,6 +125,15 @@ class KernelSpan:
     name: str
     start_us: float
     end_us: float
+
+
+def kernel_spans(prof: Any) -> list[KernelSpan]:
+    """The GPU kernels a torch.profiler run saw (inside graph replays too), as spans."""
+    return [
+        KernelSpan(e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
 
 
 def timeline_report(spans: Sequence[KernelSpan], steps: int, window: int = 24, top: int = 18) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from bench.offline import _random_prompt, build_engine, warm_up
-from bench.profile_decode import KernelSpan, timeline_report
+from bench.profile_decode import kernel_spans, timeline_report
 from bench.shapes import SHAPES
 from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
@@ -159,12 +159,7 @@ def kernel_table(engine: EngineCore, prompts: list[list[int]]) -> list[str]:
             while engine.has_unfinished:
                 engine.step()
         torch.cuda.synchronize()
-    spans = [
-        KernelSpan(e.name, e.time_range.start, e.time_range.end)
-        for e in prof.events()  # type: ignore[attr-defined]
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    ]
-    return timeline_report(spans, len(prompts), window=0, top=24)
+    return timeline_report(kernel_spans(prof), len(prompts), window=0, top=24)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ class KVCacheManager:
                 self.hasher.extend(hashes, token_ids, up_to, salt, packed)
 
             if not hashes and self.tree is not None and isinstance(token_ids, list):
-                # Blocks the tree holds are read from it: one hash computed per node (the
-                # simulator's requests, numpy ids with their hashes made up front, skip this).
+                # Blocks the tree holds are read from it: one hash computed per node. (The
+                # simulators' numpy ids would compare elementwise with a node's list: those
+                # are hashed block by block.)
                 read_cached_hashes(self.tree, hashes, token_ids, num_blocks, extend)
             extend(hashes, num_blocks)
         return hashes if len(hashes) == num_blocks else hashes[:num_blocks]

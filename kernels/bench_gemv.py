@@ -21,6 +21,7 @@ from triton.runtime.errors import OutOfResources
 from bench.offline import copy_bandwidth
 from bench.shapes import SHAPES, hf_config
 from engine.model_config import ModelConfig
+from kernels.triton_common import next_power_of_two
 from kernels.triton_gemv import GEMV_MAX_ROWS, gemv, graph_time_us
 
 CONFIGS = [
@@ -33,7 +34,7 @@ def configs(rows: int) -> list[dict[str, int]]:
     """The GEMV's launches for up to 16 rows; past that, skinny-GEMM tiles of block_m rows."""
     if rows <= GEMV_MAX_ROWS:
         return CONFIGS
-    block_m = max(GEMV_MAX_ROWS, 1 << (rows - 1).bit_length())
+    block_m = next_power_of_two(rows)
     return [
         {"block_m": block_m, "block_n": n, "block_k": k, "num_warps": w, "num_stages": s}
         for n, k, w, s in itertools.product((64, 128, 256), (64, 128), (4, 8), (3, 4))
