@@ -21,7 +21,7 @@ from cache.events import KVEvent, KVEventQueue
 from cache.hashing import BlockHasher, pack_token_ids
 from cache.radix_tree import RadixCache
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs, scratch_blocks_needed
+from engine.cuda_graphs import DecodeGraphs, capture_stream, scratch_blocks_needed
 from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from engine.kv_cache import allocate_kv_caches, blocks_for_memory
 from engine.kv_manager import KVCacheManager
@@ -130,6 +130,7 @@ class EngineCore:
             self.model_config, self.num_blocks + scratch, self.block_size, self.dtype, self.device
         )
         graphs = piecewise = None
+        stream = capture_stream(self.device) if use_graphs else None
         if use_graphs:
             graphs = DecodeGraphs(
                 loaded.model,
@@ -139,7 +140,7 @@ class EngineCore:
                 max_batch=config.max_num_seqs,
                 scratch_block=self.num_blocks,
             )
-            graphs.capture()
+            graphs.capture(stream)
         if use_graphs and config.piecewise_graphs:
             piecewise = PiecewiseGraphs(
                 loaded.model,
@@ -147,7 +148,7 @@ class EngineCore:
                 max_tokens=config.max_batched_tokens,
                 scratch_slot=self.num_blocks * self.block_size,
             )
-            piecewise.capture()
+            piecewise.capture(stream)
         self.runner = ModelRunner(
             loaded.model, kv_caches, self.block_size, graphs, config.max_num_seqs, piecewise
         )

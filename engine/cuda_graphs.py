@@ -11,6 +11,7 @@ context the engine allows (short sequences leave the extra splits idle).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -28,6 +29,22 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 
 # bucket: a 128-token prompt ran its matmuls on 256 rows, ~1.1 ms of an 8B model's 7.4 ms
 # forward on an H200). The in-between sizes keep padding under a third of a step.
 PREFILL_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream of the engine's own for all its captures, once dead graphs are freed.
+
+    torch keys cuBLAS workspaces by stream, and destroying a graph clears the workspaces of the
+    stream it was captured on, under any other graph captured there (pytorch/pytorch#193402).
+    torch.cuda.graph captures on one stream per process by default, so a graph dropped anywhere
+    (an earlier engine in the same process, a timing graph) could pull the workspace from under
+    this engine's graphs or a capture in progress: CUBLAS_STATUS_INTERNAL_ERROR inside a capture
+    was seen once in the GPU tests (kernels/NOTES.md, v12). Collecting first frees dead engines'
+    graphs now rather than in the middle of a capture.
+    """
+    gc.collect()
+    torch.cuda.synchronize(device)
+    return torch.cuda.Stream(device)
 
 
 def scratch_blocks_needed(block_size: int, max_batch: int) -> int:
@@ -116,7 +133,8 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden.index_select(0, self.logits_index))
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, stream: torch.cuda.Stream) -> None:
+        """Capture every bucket on `stream`, the engine's own (capture_stream())."""
         started = time.perf_counter()
         pool = None
         work = [(b, True) for b in self.prefill_buckets] + [(b, False) for b in self.buckets]
@@ -136,7 +154,7 @@ class DecodeGraphs:
                 forward(bucket)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = forward(bucket)
             pool = graph.pool()
             if prefill:

@@ -109,7 +109,9 @@ class PiecewiseGraphs:
         return [lambda i=i: self._piece(i, bucket) for i in range(len(self.layers) + 1)]
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Capture every bucket's pieces on `stream`, the engine's own (capture_stream());
+        without graphs (`capture_graphs=False`) it is not used."""
         started = time.perf_counter()
         if not self.capture_graphs:
             self._pieces = {b: self._plain_pieces(b) for b in self.buckets}
@@ -125,7 +127,7 @@ class PiecewiseGraphs:
             replays: list[Callable[[], None]] = []
             for piece in plain:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
                     piece()
                 pool = graph.pool()
                 replays.append(graph.replay)

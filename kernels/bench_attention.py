@@ -21,6 +21,7 @@ import statistics
 
 import torch
 
+from engine.cuda_graphs import PREFILL_BUCKETS
 from kernels.triton_common import num_sms
 from kernels.triton_decode import choose_splits, decode_block_n, paged_decode_triton
 from kernels.triton_extend import extend_attention_triton, extend_tiles
@@ -206,11 +207,12 @@ def bench_extend() -> list[str]:
 class ChunkCase:
     """One sequence of `new` tokens on a `prefix`-token cached prefix, `sets` copies over one
     shuffled pool (so that repeated calls miss in L2), optionally beside the padding sequence
-    the engine's CUDA graph for one-sequence chunks adds (bucket - new fresh tokens)."""
+    the engine's CUDA graph for one-sequence chunks adds (bucket - new fresh tokens; none, over
+    one cached token, when the chunk fills its bucket: engine/cuda_graphs.py)."""
 
     def __init__(self, new: int, prefix: int, bucket: int | None, gen: torch.Generator) -> None:
         self.new, self.prefix, self.bucket = new, prefix, bucket
-        lens = [prefix + new] + ([bucket - new] if bucket else [])
+        lens = [prefix + new] + ([max(bucket - new, 1)] if bucket else [])
         self.query_lens = [new] + ([bucket - new] if bucket else [])
         self.tokens = sum(self.query_lens)
         per_set = sum(lens) * KV_HEADS * HEAD_DIM * 2 * DTYPE.itemsize
@@ -288,9 +290,7 @@ def bench_chunks() -> list[str]:
     for new in (16, 128, 512):
         for prefix in (0, 2048, 8192):
             for graph in (False, True):
-                bucket = next((b for b in (16, 32, 64, 128, 256, 512) if b > new), None) if graph else None
-                if graph and bucket is None:
-                    continue
+                bucket = next(b for b in PREFILL_BUCKETS if b >= new) if graph else None
                 case = ChunkCase(new, prefix, bucket, gen)
                 before = time_graph(case.calls(num_splits=1))
                 after = time_graph(case.calls())
@@ -305,7 +305,7 @@ def bench_chunks() -> list[str]:
                 del case
     # Split sweep for the case that motivated the split (TTFT of 128 tokens on 8K cached).
     for graph in (False, True):
-        case = ChunkCase(128, 8192, 256 if graph else None, gen)
+        case = ChunkCase(128, 8192, 128 if graph else None, gen)
         cells = []
         for block_m in (128, 64):
             for forced in (2, 4, 8, 16, 32):
@@ -325,7 +325,7 @@ def tune_split() -> list[str]:
     gen = torch.Generator().manual_seed(3)
     lines = ["tune: 128 new on 8,192 cached, us per call per layer (graph replays); default first"]
     for graph in (False, True):
-        case = ChunkCase(128, 8192, 256 if graph else None, gen)
+        case = ChunkCase(128, 8192, 128 if graph else None, gen)
         default = time_graph(case.calls(), replays=5)
         timed: list[tuple[float, str]] = []
         for block_m in (64, 128):

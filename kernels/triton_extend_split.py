@@ -36,8 +36,10 @@ from kernels.triton_pdl import pdl_prologue, use_pdl
 # keys. A multiple of every BLOCK_N.
 MIN_SPLIT_KEYS = 256
 MAX_SPLITS = 64
-# Waves of programs the split count aims for (see choose_extend_splits).
-PROGRAMS_PER_SM = 2
+# Waves of programs the split count aims for (see choose_extend_splits): one. Two waves (the
+# first rule) ran 128 new tokens on 8K cached 7-14 % slower than one, for both split tiles
+# (kernels/NOTES.md, v4 and v13).
+SPLIT_WAVES = 1
 # Partial values (heads x splits x head_dim) one reduce program combines.
 REDUCE_ELEMENTS = 8192
 # Rows of a split program's tile (at most; extend_tiles may choose fewer) where the wide
@@ -292,11 +294,11 @@ def choose_extend_splits(
     """Splits per q-tile, from host sizes only; the tiles are (BLOCK_Q, BLOCK_M) pairs.
 
     1 (the unsplit kernel) when the unsplit q-tiles alone fill a wave of the GPU or no
-    sequence is long enough to split. Else about PROGRAMS_PER_SM waves of split programs,
-    rounded up to a power of two (q-tile counts x KV heads usually are one, so the waves come
-    out whole), each split at least MIN_SPLIT_KEYS. The q-tile count is an upper bound (a slack
-    tile per sequence; a CUDA graph's bucket is sized for its longest chunk and carries a
-    padding sequence), so two nominal waves leave about one of real work in a half-used bucket.
+    sequence is long enough to split. Else about SPLIT_WAVES waves of split programs, rounded
+    up to a power of two (q-tile counts x KV heads usually are one, so the waves come out
+    whole), each split at least MIN_SPLIT_KEYS. The q-tile count is an upper bound (a slack
+    tile per sequence; a CUDA graph's bucket carries a padding sequence, and a chunk may fill
+    its bucket to two thirds), so the real programs come to one wave or a little less.
     """
 
     def programs(tiles: tuple[int, int]) -> tuple[int, int]:
@@ -308,7 +310,7 @@ def choose_extend_splits(
     if unsplit >= unsplit_slots or most < 2:
         return 1
     split, slots = programs(split_tiles)
-    return min(most, next_power_of_two(triton.cdiv(PROGRAMS_PER_SM * slots, split)))
+    return min(most, next_power_of_two(triton.cdiv(SPLIT_WAVES * slots, split)))
 
 
 def extend_attention(

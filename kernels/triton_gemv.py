@@ -137,7 +137,9 @@ def graph_time_us(
         fn(weight)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # A stream of its own: dropping this graph clears its stream's cuBLAS workspaces
+    # (engine/cuda_graphs.py, capture_stream), which must not be the engine's.
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(weights[0].device)):
         for i in range(reps):
             fn(weights[i % len(weights)])
     graph.replay()

@@ -230,13 +230,15 @@ def test_split_heuristic() -> None:
     def splits(tokens: int, seqs: int, max_seq_len: int, tiles=wide) -> int:
         return choose_extend_splits(tokens, seqs, 8, max_seq_len, 132, tiles, tiles)
 
-    # Llama-8B shape on 132 SMs: 128 new tokens on an 8K prefix split...
-    assert splits(128, 1, 8320) == 8
-    # ...and so does the CUDA graph's launch of the same chunk (bucket 256, padding sequence).
-    assert splits(256, 2, 32768) == 4
-    assert splits(32, 2, 32768, narrow) == 32
+    # Llama-8B shape on 132 SMs: 128 new tokens on an 8K prefix split into one wave...
+    assert splits(128, 1, 8320) == 4
+    # ...and so does the CUDA graph's launch of the same chunk (bucket 128, padding sequence).
+    assert splits(128, 2, 32768) == 4
+    # A fuller bucket needs fewer splits for its wave.
+    assert splits(256, 2, 32768) == 2
+    assert splits(32, 2, 32768, narrow) == 16
     # The default 64-row split tiles behind 128-row unsplit ones (two programs per SM).
-    assert choose_extend_splits(256, 2, 8, 32768, 132, wide, narrow) == 4
+    assert choose_extend_splits(256, 2, 8, 32768, 132, wide, narrow) == 2
     # A large prefill fills the GPU without splits; a short context has nothing to split.
     assert splits(4096, 1, 4096) == 1
     assert splits(128, 1, 511) == 1
