@@ -29,7 +29,14 @@ from kernels.triton_common import (
     num_sms,
     shared_memory_per_program,
 )
-from kernels.triton_extend import _attend, _find_sequence, extend_attention_triton, extend_tiles
+from kernels.triton_extend import (
+    EXTEND_UNROLL,
+    _attend,
+    _find_sequence,
+    extend_attention_triton,
+    extend_tiles,
+    unroll_that_fits,
+)
 from kernels.triton_pdl import pdl_prologue, use_pdl
 
 # Fewest keys a split takes: below this the partial's store and reduce cost more than the
@@ -51,6 +58,9 @@ SPLIT_BLOCK_M: int | None = 64
 # (H200, Llama-3-8B heads; kernels/NOTES.md, v5). 16-bit, head_dim <= 128 only, and only where
 # a program may claim the shared memory of 3 stages of K and V plus Q (~224 KiB: Hopper's).
 WIDE_BLOCK_N, WIDE_STAGES, WIDE_WARPS = 128, 3, 8
+# The split kernel's key-loop copies (see triton_extend.EXTEND_UNROLL); two copies of the wide
+# launch's 3-stage pipeline do not fit in shared memory.
+SPLIT_UNROLL = 1
 WIDE_SPLIT_SHARED_BYTES = (WIDE_STAGES * 2 * WIDE_BLOCK_N + 128) * 128 * 2  # bf16, 128 rows x d128
 
 
@@ -109,6 +119,7 @@ def _extend_split_kernel(
     MIN_KEYS: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     q_tile = tl.program_id(0)
@@ -182,6 +193,7 @@ def _extend_split_kernel(
         False,
         False,
         PRECISION,
+        UNROLL,
     )
     # A row can see none of this split's keys (the split lies past its position): SAFE_MAX
     # keeps its partial at zero weight instead of NaN.
@@ -329,12 +341,14 @@ def extend_attention(
     block_n: int | None = None,
     num_stages: int | None = None,
     num_warps: int | None = None,
+    unroll: int | None = None,
 ) -> torch.Tensor:
     """extend_attention_triton's contract, with the key range split across programs when the
     q-tiles are too few to fill the GPU. max_seq_len (the host's copy, 0 if unknown: no split)
     and max_query_len size the launch. num_splits forces a split count, block_m a narrower
     split tile, block_n / num_stages / num_warps the split kernel's key tile and pipeline
-    (tests, benchmarks: `python -m kernels.bench_attention --tune`)."""
+    (tests, benchmarks: `python -m kernels.bench_attention --tune`), unroll the key loop's
+    copies in both kernels."""
     num_heads, num_kv_heads, head_dim, block_size = check_attention_shapes(query, kv_cache)
     num_tokens = query.shape[0]
     group = num_heads // num_kv_heads
@@ -361,8 +375,9 @@ def extend_attention(
         splits = max(1, min(num_splits, MAX_SPLITS))
     if splits == 1 or num_tokens == 0 or num_seqs == 0:
         return extend_attention_triton(
-            query, kv_cache, block_tables, seq_lens, query_start_loc, num_seqs, scale, out, max_query_len
-        )
+            query, kv_cache, block_tables, seq_lens, query_start_loc, num_seqs, scale, out, max_query_len,
+            EXTEND_UNROLL if unroll is None else unroll,
+        )  # fmt: skip
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     rows = num_tokens * num_heads * splits
@@ -371,6 +386,10 @@ def extend_attention(
     partial_out = torch.empty((rows, head_dim), dtype=query.dtype, device=query.device)
     partial_lse = torch.empty((rows,), dtype=torch.float32, device=query.device)
     pdl = use_pdl(query.device)
+    split_unroll = SPLIT_UNROLL if unroll is None else unroll
+    split_unroll = unroll_that_fits(
+        split_unroll, num_stages, block_m, block_n, head_dim, query.dtype, query.device
+    )
     _extend_split_kernel[(num_tokens // block_q + num_seqs, num_kv_heads, splits)](
         query,
         kv_cache,
@@ -402,6 +421,7 @@ def extend_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         USE_PDL=pdl,
+        UNROLL=split_unroll,
         launch_pdl=pdl,
     )
     # About REDUCE_ELEMENTS partial values per program: many heads when splits are few.
