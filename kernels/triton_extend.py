@@ -18,6 +18,8 @@ attention does).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -259,6 +261,7 @@ EXTEND_UNROLL = 2
 EXTEND_STAGES = 2
 
 
+@functools.cache  # on the host path of every eager or piecewise step's attention call
 def unroll_that_fits(
     unroll: int,
     stages: int,
@@ -270,8 +273,7 @@ def unroll_that_fits(
 ) -> int:
     """`unroll`, or 1 where its copies of the pipeline's K/V buffers (each body copy gets its
     own) and the query tile would not fit one program's shared memory."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    need = (unroll * stages * 2 * block_n + block_m) * head_dim * itemsize
+    need = (unroll * stages * 2 * block_n + block_m) * head_dim * dtype.itemsize
     return unroll if need <= shared_memory_per_program(device) else 1
 
 
