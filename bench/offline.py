@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     warm_up(engine)
+    gc.collect()
+    gc.freeze()  # as a served engine core does after its warm-up (engine/server/core_process.py)
     runners: dict[str, Callable[[EngineCore], Result]] = {
         "decode_b1": lambda e: decode_b1(e, bandwidth, args.shape, peers),
         "shared_prefix": lambda e: shared_prefix(e, args.shape, peers, args.peer_groups),

@@ -8,6 +8,7 @@ the next step, so a disconnected client's blocks are freed within one step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -73,6 +74,11 @@ def run_core_process(
         return
     if config.step_log is not None:
         core.step_log = StepLog(config.step_log)  # after the warm-up: only served steps
+    # The model, torch and the warm-up's survivors out of the cyclic collector's sight: a full
+    # collection over them (~340k objects, 156 ms on a 2-core machine with a small model)
+    # would stall the step loop, and every request in it, mid-stream (vLLM freezes too).
+    gc.collect()
+    gc.freeze()
     loop = CoreLoop(core, inbox, outbox)
     outbox.send_bytes(
         ipc.encode(

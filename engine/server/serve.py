@@ -7,6 +7,7 @@ before the core process is shut down.
 
 from __future__ import annotations
 
+import gc
 import logging
 from types import FrameType
 
@@ -45,6 +46,10 @@ def run(config: ServerConfig) -> None:
         # that clients then reuse; the 10,000-request soak saw one direct request reset so.
         timeout_keep_alive=65,
     )
+    # As in gateway/serve.py: the startup heap frozen, so a full collection does not stall the
+    # API process (the engine core, a process of its own, freezes its heap after its warm-up).
+    gc.collect()
+    gc.freeze()
     try:
         _DrainingServer(uvicorn_config, app).run()
     finally:
