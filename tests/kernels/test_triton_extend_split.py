@@ -19,6 +19,7 @@ from testkit.numerics import DEVICE, FP32_TOLERANCE, HALF_TOLERANCE, fresh_gener
 triton = pytest.importorskip("triton")
 
 from kernels.backend import TritonAttention  # noqa: E402
+from kernels.triton_extend import unroll_that_fits  # noqa: E402
 from kernels.triton_extend_split import choose_extend_splits, extend_attention  # noqa: E402
 
 
@@ -244,3 +245,13 @@ def test_split_heuristic() -> None:
     assert splits(128, 1, 511) == 1
     # Every split keeps at least 256 keys of the longest context.
     assert splits(16, 1, 1024, narrow) == 4
+
+
+def test_unroll_only_where_its_copies_fit_shared_memory() -> None:
+    cpu = torch.device("cpu")  # sized as Hopper's 227 KiB a program
+    # The unsplit kernel's 128-row, 64-key, 2-stage tiles: two copies of the K/V buffers fit...
+    assert unroll_that_fits(2, 2, 128, 64, 128, torch.bfloat16, cpu) == 2
+    # ...the split kernel's 128-key, 3-stage ones do not (the compiler asked for 295,936 bytes).
+    assert unroll_that_fits(2, 3, 128, 128, 128, torch.bfloat16, cpu) == 1
+    # float32 tiles are twice the bytes.
+    assert unroll_that_fits(2, 2, 64, 32, 256, torch.float32, cpu) == 1
