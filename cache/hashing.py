@@ -59,12 +59,8 @@ def first_block_extra(model_id: str, cache_salt: str | None) -> bytes:
 
 
 def pack_token_ids(token_ids: Sequence[int] | np.ndarray) -> bytes:
-    """Token ids as the little-endian u32 bytes the hashes read; ValueError past u32."""
-    return _token_bytes(token_ids)
-
-
-def _token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
-    """Token ids as little-endian u32 bytes, rejecting values that would silently wrap."""
+    """Token ids as the little-endian u32 bytes the hashes read; ValueError for ids that would
+    wrap (negative, past u32) or are not integers."""
     if isinstance(token_ids, np.ndarray):
         return _array_token_bytes(token_ids)
     # array("I") converts a list in C and range-checks each id: ~5x faster than np.asarray
@@ -100,7 +96,7 @@ def _parent_bytes(parent_hash: int) -> bytes:
 
 def hash_block(parent_hash: int, token_ids: Sequence[int], extra: bytes = b"") -> int:
     """Hash one block given its parent's hash (0 for block 0). See the module docstring."""
-    data = _parent_bytes(parent_hash) + _token_bytes(token_ids) + extra
+    data = _parent_bytes(parent_hash) + pack_token_ids(token_ids) + extra
     return xxhash.xxh3_64_intdigest(data, seed=BLOCK_HASH_SEED)
 
 
@@ -159,7 +155,7 @@ class BlockHasher:
         else:
             # One conversion for all new blocks, then byte slices: per-block numpy calls
             # would dominate the cost for long prompts.
-            data = _token_bytes(token_ids[start * size : num_blocks * size])
+            data = pack_token_ids(token_ids[start * size : num_blocks * size])
         if hashes:
             parent = int(hashes[-1])
             _parent_bytes(parent)  # checks a caller's hash once; the loop's own fit in u64

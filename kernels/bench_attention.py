@@ -22,10 +22,11 @@ import statistics
 import torch
 
 from engine.cuda_graphs import PREFILL_BUCKETS
+from kernels.extend_split_launch import choose_extend_splits, split_launch
 from kernels.triton_common import num_sms
 from kernels.triton_decode import choose_splits, decode_block_n, paged_decode_triton
 from kernels.triton_extend import extend_attention_triton, extend_tiles
-from kernels.triton_extend_split import choose_extend_splits, extend_attention, split_launch
+from kernels.triton_extend_split import extend_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16

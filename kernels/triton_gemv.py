@@ -106,8 +106,10 @@ def gemv(
     rows, width = x.shape
     n, k = weight.shape
     block_m = (launch or {}).get("block_m", GEMV_MAX_ROWS)
-    if block_m not in (16, 32, 64, 128):
-        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    if not GEMV_MAX_ROWS <= block_m <= SKINNY_MAX_ROWS or block_m & (block_m - 1):
+        raise ValueError(
+            f"block_m must be a power of two from {GEMV_MAX_ROWS} to {SKINNY_MAX_ROWS}, got {block_m}"
+        )
     if rows > block_m:
         raise ValueError(f"gemv takes at most {block_m} rows, got {rows}")
     if width != (2 * k if silu_mul else k) or weight.stride(1) != 1:

@@ -23,7 +23,7 @@ from engine.piecewise_graphs import piecewise_buckets
 # The engine's chunk graphs take a one-sequence chunk of up to the largest bucket's tokens.
 GRAPH_CHUNK_TOKENS = PREFILL_BUCKETS[-1]
 # Extend attention splits the keys across programs only while a batch's query tiles cannot fill
-# the GPU (kernels/triton_extend_split.py, choose_extend_splits): for Llama-3-8B on an H100 or
+# the GPU (kernels/extend_split_launch.py, choose_extend_splits): for Llama-3-8B on an H100 or
 # H200, (tokens // 32 + sequences) x 8 KV heads < 132 SMs (128-row tiles of 32 tokens x 4
 # heads, one program per SM). context_pair_ms was fitted on that split kernel (128 new tokens
 # on 8,192 cached); a larger batch runs the unsplit kernel, whose cost per (query, key) pair

@@ -19,8 +19,9 @@ from testkit.numerics import DEVICE, FP32_TOLERANCE, HALF_TOLERANCE, fresh_gener
 triton = pytest.importorskip("triton")
 
 from kernels.backend import TritonAttention  # noqa: E402
+from kernels.extend_split_launch import choose_extend_splits  # noqa: E402
 from kernels.triton_extend import unroll_that_fits  # noqa: E402
-from kernels.triton_extend_split import choose_extend_splits, extend_attention  # noqa: E402
+from kernels.triton_extend_split import extend_attention  # noqa: E402
 
 
 def tolerance(dtype: torch.dtype) -> float:
