@@ -9,6 +9,13 @@ with the activation folded into its loads (the separate activation kernel is tim
 other two). About a second, against decode steps that then run at batch <= 16 for as long as
 the replica lives. The qkv projection is timed once more against kernels/triton_qkv.py, which
 also does rotary and the KV store (three launches in one; not for models with q/k norms).
+
+Last, one decoder layer's chain at one row (everything but attention) is timed as chosen above
+against the same chain with its two RMSNorm kernels folded into the matmuls (NormFold): the
+o_proj and down GEMVs add the residual stream in their epilogues, and the qkv kernel and the
+gate_up GEMV normalise their input rows as they load them. If the fold wins, the norms'
+weights are multiplied into the qkv and gate_up weights once, here, and those norms keep
+unit weights for every other path.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from collections import defaultdict
 
 import torch
 
-from engine.models.decoder import CausalLM
-from engine.models.layers import FusedQkv, Linear, SkinnyMatmul
+from engine.models.decoder import CausalLM, DecoderLayer
+from engine.models.layers import FusedQkv, Linear, NormFold, SkinnyMatmul
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ def use_skinny_matmuls(model: CausalLM) -> list[str]:
                 chosen.append(name if fastest == "gemv" else f"{name} (activation folded in)")
         if _fuse_qkv(model):
             chosen.append("qkv_proj with rotary and KV store")
+        if _fold_norms(model):
+            chosen.append("RMSNorms folded into the matmuls")
     log.info("skinny matmuls (<= %d rows) on: %s", GEMV_MAX_ROWS, ", ".join(chosen) or "none")
     return chosen
 
@@ -79,3 +88,53 @@ def _fuse_qkv(model: CausalLM) -> bool:
     for attention in attentions:
         attention.fused_qkv = fused  # type: ignore[union-attr,assignment]
     return True
+
+
+def _fold_norms(model: CausalLM) -> bool:
+    """Fold every layer's norms into its matmuls (NormFold) if one layer's chain measured faster."""
+    from kernels.triton_gemv import GEMV_MAX_ROWS, fastest_of, gemv
+    from kernels.triton_qkv import qkv_rotary_store
+
+    config = model.config
+    if config.qk_norm or config.head_dim % 64:
+        return False  # the same limits as the fused qkv kernel, which does the qkv side
+    fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS)
+    weight = model.lm_head.weight
+    on = {"device": weight.device, "dtype": weight.dtype}
+    hidden = torch.randn(1, config.hidden_size, **on)
+    residual = torch.randn(1, config.hidden_size, **on)
+    attn_out = torch.randn(1, config.num_heads, config.head_dim, **on)
+    positions = torch.tensor([7], device=weight.device)
+    slots = torch.tensor([5], device=weight.device)
+    cache = torch.zeros((2, 2, 16, config.num_kv_heads, config.head_dim), **on)
+
+    def separate(layer: DecoderLayer) -> None:
+        _, stream = layer.attention_inputs(hidden, residual, positions, cache, slots)
+        layer.after_attention(attn_out, stream)
+
+    def folded(layer: DecoderLayer) -> None:
+        layer.attention_inputs_folded(hidden, fold, positions, cache, slots)
+        layer.after_attention_folded(attn_out, hidden, fold)
+
+    layers: list[DecoderLayer] = list(model.model.layers[:4])  # type: ignore[arg-type]
+    with torch.cuda.device(weight.device):  # the timing graph's stream on the layers' device
+        fastest = fastest_of({"separate": separate, "folded": folded}, layers)
+    if fastest != "folded":
+        return False
+    fold_norm_weights(model)
+    model.model.norm_fold = fold
+    return True
+
+
+def fold_norm_weights(model: CausalLM) -> None:
+    """Multiply each layer's two RMSNorm weights into the matmuls they feed (qkv, gate_up), and
+    give the norms unit weights: W @ (g * n) == (W * g) @ n, so every path computes the same
+    function, and the folded path needs no norm weight at all."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, linear in (
+                (layer.input_layernorm, layer.self_attn.qkv_proj),  # type: ignore[union-attr]
+                (layer.post_attention_layernorm, layer.mlp.gate_up_proj),  # type: ignore[union-attr]
+            ):
+                linear.weight.mul_(norm.weight.to(linear.weight.dtype)[None, :])
+                norm.weight.fill_(1.0)

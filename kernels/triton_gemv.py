@@ -14,11 +14,19 @@ output [M, 2K] and the kernel multiplies silu(gate) * up, rounded where the sepa
 rounds (kernels/triton_elementwise.py), saving a launch per layer. At one row it computes the
 activation on that row only (computing it on all 16 padded rows is what made the fold lose
 to the separate kernel at batch 1 before).
+
+Two more folds let a decode layer drop its RMSNorm kernels (engine/models/decoder.py, the
+folded path): `residual` adds the residual stream in the epilogue (the o_proj and down
+projections then write the stream itself), and `norm_eps` makes the kernel the matmul of
+rmsnorm(x) with a unit weight: the program sums the squares of the x tiles it loads anyway and
+scales its accumulator rows by rsqrt(mean + eps) at the end (the norm is linear up to that
+per-row factor; the norm's own weight is multiplied into W once, engine/skinny.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +41,16 @@ GEMV_MAX_ROWS = 16
 # --rows 32,64,128 times such "skinny GEMMs" against cuBLAS; the engine does not use them yet).
 SKINNY_MAX_ROWS = 128
 
+Operand = TypeVar("Operand")  # what a timed call reads in turn: a weight, a layer
+
 
 # M is not specialised: a graph bucket per batch size would each compile a variant (~1 s).
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr = 16,
+    x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym,
+    norm_eps, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ONE_ROW: tl.constexpr, NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr = 16,
 ):  # fmt: skip
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
@@ -49,6 +60,7 @@ def _gemv_kernel(
     col_ok = cols < N
     dtype = y_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sum_squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -67,14 +79,25 @@ def _gemv_kernel(
             x = (activated * up).to(dtype)
         else:
             x = tl.load(x_at, mask=x_mask, other=0.0)
+        if NORM:
+            x32 = x.to(tl.float32)
+            sum_squares += tl.sum(x32 * x32, axis=1)
         w = tl.load(
             w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
             mask=col_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
         acc = tl.dot(x, tl.trans(w), acc)
+    if NORM:
+        acc = acc * tl.rsqrt(sum_squares / K + norm_eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(
+            residual_ptr + rows[:, None] * stride_rm + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
     tl.store(
         y_ptr + rows[:, None] * stride_ym + cols[None, :],
         acc.to(dtype),
@@ -97,10 +120,14 @@ def gemv(
     bias: torch.Tensor | None = None,
     silu_mul: bool = False,
     launch: dict[str, int] | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    norm_eps: float | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T (+ bias) for M <= GEMV_MAX_ROWS, in x's dtype.
+    """x [M, K] @ weight[N, K]^T (+ bias) (+ residual) for M <= GEMV_MAX_ROWS, in x's dtype.
 
-    With `silu_mul`, x is [M, 2K] (gate, then up) and silu(gate) * up is what multiplies.
+    With `silu_mul`, x is [M, 2K] (gate, then up) and silu(gate) * up is what multiplies; with
+    `norm_eps`, rmsnorm(x) (unit weight) is; `residual` [M, N] is added before the one rounding.
     A `launch` with "block_m" (a power of two up to SKINNY_MAX_ROWS) takes up to that many rows.
     """
     rows, width = x.shape
@@ -114,6 +141,10 @@ def gemv(
         raise ValueError(f"gemv takes at most {block_m} rows, got {rows}")
     if width != (2 * k if silu_mul else k) or weight.stride(1) != 1:
         raise ValueError(f"x [{rows}, {width}] does not fit a weight [{n}, {k}] with contiguous rows")
+    if silu_mul and norm_eps is not None:
+        raise ValueError("the norm folds into a matmul of x itself, not of an activation")
+    if residual is not None and (residual.shape != (rows, n) or residual.stride(1) != 1):
+        raise ValueError(f"residual {tuple(residual.shape)} is not a contiguous-row [{rows}, {n}]")
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
@@ -121,27 +152,30 @@ def gemv(
         options = launch or default_launch(n, k)
         pdl = use_pdl(x.device)
         _gemv_kernel[(triton.cdiv(n, options["block_n"]),)](
-            x, weight, bias if bias is not None else weight, y, rows, n, k,
-            x.stride(0), weight.stride(0), y.stride(0),
+            x, weight, bias if bias is not None else weight, residual if residual is not None else y, y,
+            rows, n, k, x.stride(0), weight.stride(0),
+            residual.stride(0) if residual is not None else 0, y.stride(0),
+            norm_eps if norm_eps is not None else 0.0,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ONE_ROW=silu_mul and rows == 1,
+            NORM=norm_eps is not None, HAS_RESIDUAL=residual is not None,
             BLOCK_N=options["block_n"], BLOCK_K=options["block_k"], USE_PDL=pdl, BLOCK_M=block_m,
             num_warps=options["num_warps"], num_stages=options["num_stages"], launch_pdl=pdl,
         )  # fmt: skip
     return y
 
 
-def graph_time_us(
-    fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Tensor], reps: int = 24
-) -> float:
+def graph_time_us(fn: Callable[[Operand], object], weights: Sequence[Operand], reps: int = 24) -> float:
     """GPU time per call of fn(weight), captured in a CUDA graph over rotating weights (timing
-    eager launches of a few-us kernel would time the host's launch rate instead)."""
+    eager launches of a few-us kernel would time the host's launch rate instead). A "weight"
+    may be anything whose calls read different memory: a layer, say."""
     for weight in weights[:2]:
         fn(weight)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     # A stream of its own: dropping this graph clears its stream's cuBLAS workspaces
     # (engine/cuda_graphs.py, capture_stream), which must not be the engine's.
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream(weights[0].device)):
+    device = weights[0].device if isinstance(weights[0], torch.Tensor) else torch.cuda.current_device()
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
         for i in range(reps):
             fn(weights[i % len(weights)])
     graph.replay()
@@ -178,9 +212,7 @@ def fastest_kernel(weights: Sequence[torch.Tensor], has_bias: bool, activation: 
     return fastest_of(candidates, weights)
 
 
-def fastest_of(
-    candidates: dict[str, Callable[[torch.Tensor], object]], weights: Sequence[torch.Tensor]
-) -> str:
+def fastest_of(candidates: dict[str, Callable[[Operand], object]], weights: Sequence[Operand]) -> str:
     """The name of the candidate whose calls over `weights` take the least GPU time (graph_time_us)."""
     times = {name: graph_time_us(fn, weights) for name, fn in candidates.items()}
     return min(times, key=times.__getitem__)

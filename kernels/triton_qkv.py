@@ -9,6 +9,9 @@ slots (a negative slot, a padding row, stores nothing). The same roundings as th
 separate kernels: the projection rounded to the activation dtype, each rotary product and sum
 rounded as kernels/elementwise_ref.py's rotary_ref.
 
+With `norm_eps` the projection is of rmsnorm(x) with a unit weight, folded in as in
+kernels/triton_gemv.py (sums of squares of the x tiles, the accumulator scaled at the end).
+
 Not for models with q/k norms (Qwen3: the norm sits between projection and rotary).
 """
 
@@ -28,9 +31,9 @@ from kernels.triton_pdl import pdl_prologue, use_pdl
 def _qkv_rotary_store_kernel(
     x_ptr, w_ptr, bias_ptr, positions_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr,
     M, K, stride_xm, stride_wn, stride_qm, stride_c,
-    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head,
+    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head, norm_eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_prologue(USE_PDL)
     QUARTER: tl.constexpr = HEAD_DIM // 4
@@ -46,14 +49,20 @@ def _qkv_rotary_store_kernel(
     w_rows = w_ptr + (head * HEAD_DIM + dims_in_head)[:, None].to(tl.int64) * stride_wn
     dtype = q_ptr.dtype.element_ty
     acc = tl.zeros((16, HALF), dtype=tl.float32)
+    sum_squares = tl.zeros((16,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
+        if NORM:
+            x32 = x.to(tl.float32)
+            sum_squares += tl.sum(x32 * x32, axis=1)
         w = tl.load(w_rows + ks[None, :], mask=k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    if NORM:
+        acc = acc * tl.rsqrt(sum_squares / K + norm_eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + head * HEAD_DIM + dims_in_head).to(tl.float32)[None, :]
     projected = acc.to(dtype).to(tl.float32)  # the projection's output, as the GEMV rounds it
@@ -100,10 +109,12 @@ def qkv_rotary_store(
     slot_mapping: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
+    norm_eps: float | None = None,
 ) -> torch.Tensor:
     """The rotated query [M, heads, head_dim] of x [M, K] @ weight^T (+ bias), M <= 16; the
     rotated keys and the values are written into kv_cache [2, blocks, block_size, kv_heads,
-    head_dim] at slot_mapping. cos/sin are the float32 [positions, head_dim] tables."""
+    head_dim] at slot_mapping. cos/sin are the float32 [positions, head_dim] tables. With
+    `norm_eps`, rmsnorm(x) (unit weight) takes x's place."""
     rows, k = x.shape
     _, _, block_size, cache_heads, head_dim = kv_cache.shape
     n = (num_heads + 2 * num_kv_heads) * head_dim
@@ -126,8 +137,9 @@ def qkv_rotary_store(
             x, weight, bias_or_any, positions, cos, sin, query, kv_cache, slot_mapping,
             rows, k, x.stride(0), weight.stride(0), query.stride(0), cos.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            norm_eps if norm_eps is not None else 0.0,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            HAS_BIAS=bias is not None, BLOCK_K=block_k, USE_PDL=pdl,
+            HAS_BIAS=bias is not None, NORM=norm_eps is not None, BLOCK_K=block_k, USE_PDL=pdl,
             num_warps=4, num_stages=3, launch_pdl=pdl,
         )  # fmt: skip
     return query

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
-from engine.models.layers import FusedQkv, Linear, RMSNorm, RotaryEmbedding
+from engine.models.layers import FusedQkv, Linear, NormFold, RMSNorm, RotaryEmbedding
 from kernels.backend import AttentionBackend
 from kernels.elementwise import TORCH_OPS, ElementwiseOps
 from kernels.metadata import AttentionMetadata
@@ -140,6 +140,50 @@ class DecoderLayer(nn.Module):
         normed, residual = self.post_attention_layernorm(self.self_attn.output(attn_out), residual)
         return self.mlp(normed), residual
 
+    def forward_folded(
+        self,
+        stream: torch.Tensor,
+        fold: NormFold,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The residual stream after this layer, with no norm kernel: the matmuls after each norm
+        normalise their input rows themselves and the ones before it add the residual, so the
+        stream is the only activation passed between them (the norms' weights are in W)."""
+        query = self.attention_inputs_folded(stream, fold, positions, kv_cache, metadata.slot_mapping)
+        return self.after_attention_folded(self.self_attn.attend(query, kv_cache, metadata), stream, fold)
+
+    def attention_inputs_folded(
+        self,
+        stream: torch.Tensor,
+        fold: NormFold,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        attn = self.self_attn
+        qkv = attn.qkv_proj
+        rotary = attn.rotary
+        return fold.qkv(
+            stream, qkv.weight, qkv.bias, positions, rotary.cos, rotary.sin, kv_cache, slot_mapping,
+            attn.num_heads, attn.num_kv_heads, norm_eps=self.input_layernorm.eps,
+        )  # fmt: skip
+
+    def after_attention_folded(
+        self, attn_out: torch.Tensor, stream: torch.Tensor, fold: NormFold
+    ) -> torch.Tensor:
+        o_proj = self.self_attn.o_proj
+        stream = fold.matmul(
+            attn_out.reshape(attn_out.shape[0], -1), o_proj.weight, o_proj.bias, False, residual=stream
+        )
+        mlp = self.mlp
+        gate_up = fold.matmul(
+            stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, False,
+            norm_eps=self.post_attention_layernorm.eps,
+        )  # fmt: skip
+        return fold.matmul(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, True, residual=stream)
+
 
 class DecoderModel(nn.Module):
     """Embeddings, layers and final norm; parameter names follow transformers' `model.*`."""
@@ -155,6 +199,8 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         # Shared by every layer; registered once here so .to() moves it once.
         self.rotary = rotary
+        # Set by engine/skinny.py on a GPU where the folded layers measured faster.
+        self.norm_fold: NormFold | None = None
 
     def forward(
         self,
@@ -164,6 +210,11 @@ class DecoderModel(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        fold = self.norm_fold
+        if fold is not None and hidden.shape[0] <= fold.max_rows:
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden = layer.forward_folded(hidden, fold, positions, kv_cache, metadata)
+            return self.norm(hidden)[0]
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, positions, kv_cache, metadata)

@@ -34,6 +34,23 @@ class FusedQkv:
     max_rows: int
 
 
+@dataclass(frozen=True)
+class NormFold:
+    """Batches of at most `max_rows` rows run each decoder layer with its two RMSNorms folded
+    into the matmuls around them (engine/models/decoder.py, DecoderLayer.forward_folded).
+
+    `matmul` is (x, weight, bias, silu_mul, *, residual=None, norm_eps=None) -> y: with
+    `norm_eps` the matmul of rmsnorm(x) with a unit weight, with `residual` the residual stream
+    added in the epilogue. `qkv` is a FusedQkv kernel taking `norm_eps` the same way. The norms'
+    own weights are then multiplied into the qkv and gate_up weights (engine/skinny.py), so the
+    other paths run those norms with unit weights and compute the same function.
+    """
+
+    matmul: Callable[..., torch.Tensor]
+    qkv: Callable[..., torch.Tensor]
+    max_rows: int
+
+
 class Linear(nn.Linear):
     """nn.Linear whose calls of a few rows go to a skinny-matmul kernel when one is set.
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.elementwise_ref import silu_and_mul_ref
+from kernels.matmul_ref import skinny_matmul_ref
 
 pytestmark = pytest.mark.gpu
 triton_gemv = pytest.importorskip("kernels.triton_gemv")
@@ -41,6 +42,44 @@ def test_gemv_folds_the_activation_in(rows: int, n: int, k: int) -> None:
     out = triton_gemv.gemv(gate_up, weight, silu_mul=True)
     ref = F.linear(silu_and_mul_ref(gate_up).float(), weight.float())
     assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("n, k", [(28672, 4096), (4096, 4096), (100, 72), (33, 1000)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_folds_the_norm_and_the_residual(
+    dtype: torch.dtype, rows: int, n: int, k: int, with_bias: bool
+) -> None:
+    # The decoder's folded path: rmsnorm(x) @ W^T (gate_up, qkv), and x @ W^T + stream (o_proj,
+    # down); the reference normalises in float32 without rounding, as the kernel does.
+    x = torch.randn(rows, k, dtype=dtype, device="cuda") * 3
+    weight = torch.randn(n, k, dtype=dtype, device="cuda") * k**-0.5
+    bias = torch.randn(n, dtype=dtype, device="cuda") if with_bias else None
+    residual = torch.randn(rows, n, dtype=dtype, device="cuda")
+    eps = 1e-5
+    x32, bias32 = x.float(), None if bias is None else bias.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    out = triton_gemv.gemv(x, weight, bias, norm_eps=eps)
+    assert relative_error(out, F.linear(normed, weight.float(), bias32)) < 1e-2
+    out = triton_gemv.gemv(x, weight, bias, residual=residual)
+    assert relative_error(out, F.linear(x32, weight.float(), bias32) + residual.float()) < 1e-2
+    # And the torch reference of the contract agrees with both.
+    assert relative_error(triton_gemv.gemv(x, weight, bias, norm_eps=eps), skinny_matmul_ref(
+        x.float(), weight.float(), bias32, norm_eps=eps)) < 1e-2  # fmt: skip
+
+
+def test_gemv_folds_the_activation_and_the_residual_together() -> None:
+    gate_up = torch.randn(2, 2 * 640, dtype=torch.bfloat16, device="cuda") * 2
+    weight = torch.randn(256, 640, dtype=torch.bfloat16, device="cuda") * 640**-0.5
+    residual = torch.randn(2, 256, dtype=torch.bfloat16, device="cuda")
+    out = triton_gemv.gemv(gate_up, weight, silu_mul=True, residual=residual)
+    ref = F.linear(silu_and_mul_ref(gate_up).float(), weight.float()) + residual.float()
+    assert relative_error(out, ref) < 1e-2
+    with pytest.raises(ValueError, match="not of an activation"):
+        triton_gemv.gemv(gate_up, weight, silu_mul=True, norm_eps=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        triton_gemv.gemv(gate_up, weight, silu_mul=True, residual=residual[:, :255])
 
 
 @pytest.mark.parametrize("rows, block_m", [(17, 32), (32, 32), (50, 64), (100, 128), (128, 128), (3, 64)])

@@ -29,8 +29,16 @@ def rotary_tables(head_dim: int, positions: int = 4096) -> tuple[torch.Tensor, t
     [(32, 8, 128, 4096), (8, 8, 64, 576), (12, 2, 128, 1536), (4, 1, 64, 200)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("norm_eps", [None, 1e-5])  # rmsnorm(x) folded in (kernels/triton_gemv.py)
 def test_fused_qkv_matches_projection_rotary_and_store(
-    dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int, hidden: int, with_bias: bool
+    dtype: torch.dtype,
+    rows: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    hidden: int,
+    with_bias: bool,
+    norm_eps: float | None,
 ) -> None:
     gen, seed = fresh_generator()
     n = (heads + 2 * kv_heads) * head_dim
@@ -44,7 +52,10 @@ def test_fused_qkv_matches_projection_rotary_and_store(
     cos, sin = rotary_tables(head_dim)
     cache = torch.randn(2, 8, 16, kv_heads, head_dim, generator=gen).to(dtype)
     expected_cache = cache.clone()
-    qkv = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(dtype)
+    x32 = x.float()
+    if norm_eps is not None:  # normalised in float32, not rounded: as the kernel does it
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm_eps)
+    qkv = F.linear(x32, weight.float(), None if bias is None else bias.float()).to(dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     expected_q, k = rotary_ref(
         positions, q.reshape(rows, heads, head_dim), k.reshape(rows, kv_heads, head_dim), cos, sin
@@ -56,7 +67,7 @@ def test_fused_qkv_matches_projection_rotary_and_store(
     cache = cache.to(**on)
     got_q = triton_qkv.qkv_rotary_store(
         x.to(**on), weight.to(**on), None if bias is None else bias.to(**on), positions.to(**on),
-        cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads,
+        cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads, norm_eps,
     )  # fmt: skip
     # Only the float32 summation order of the projection differs: at most a rounding step apart.
     tolerance = 2 * torch.finfo(dtype).eps * max(1.0, expected_q.abs().max().item())
@@ -86,3 +97,32 @@ def test_fused_qkv_refuses_what_it_cannot_do() -> None:
         triton_qkv.qkv_rotary_store(x, weight, None, index, cos, sin, cache, index, 2, 2)
     with pytest.raises(ValueError, match="do not fit"):
         triton_qkv.qkv_rotary_store(x[:1], weight[:-1], None, index[:1], cos, sin, cache, index[:1], 2, 2)
+
+
+@pytest.mark.parametrize("norm_eps", [None, 1e-6])
+def test_torch_reference_of_the_contract_agrees(norm_eps: float | None) -> None:
+    # kernels/matmul_ref.py stands in for this kernel in the model's CPU tests.
+    from kernels.matmul_ref import qkv_rotary_store_ref
+    from testkit.numerics import relative_error
+
+    gen, seed = fresh_generator()
+    heads, kv_heads, head_dim, hidden, rows = 4, 2, 64, 256, 3
+    n = (heads + 2 * kv_heads) * head_dim
+    x = torch.randn(rows, hidden, generator=gen) * 2
+    weight = torch.randn(n, hidden, generator=gen) * hidden**-0.5
+    bias = torch.randn(n, generator=gen)
+    positions = torch.tensor([0, 5, 99])
+    slots = torch.tensor([3, -1, 17])
+    cos, sin = rotary_tables(head_dim, 128)
+    ref_cache = torch.zeros(2, 4, 16, kv_heads, head_dim)
+    want = qkv_rotary_store_ref(
+        x, weight, bias, positions, cos, sin, ref_cache, slots, heads, kv_heads, norm_eps
+    )
+    on = {"device": DEVICE}
+    cache = torch.zeros(2, 4, 16, kv_heads, head_dim, dtype=torch.float16, **on)
+    got = triton_qkv.qkv_rotary_store(
+        x.half().to(**on), weight.half().to(**on), bias.half().to(**on), positions.to(**on),
+        cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads, norm_eps,
+    )  # fmt: skip
+    assert relative_error(got.cpu(), want) < 1e-2, f"seed {seed}"
+    assert relative_error(cache.cpu(), ref_cache) < 1e-2, f"seed {seed}"

@@ -31,6 +31,8 @@ def tiny_config(family: str) -> PreTrainedConfig:
     )
     if family == "llama":
         return LlamaConfig(**common)
+    if family == "llama-d64":  # 64-wide heads: what the fused qkv kernel (and the norm fold) take
+        return LlamaConfig(**{**common, "hidden_size": 256, "intermediate_size": 512})
     if family == "llama31":  # Llama 3.1's rope scaling, tied embeddings as in the 1B/3B models
         return LlamaConfig(
             **common,

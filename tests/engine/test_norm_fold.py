@@ -1,0 +1,67 @@
+"""The decoder with its RMSNorms folded into the matmuls (engine/models/layers.py NormFold,
+DecoderLayer.forward_folded, engine/skinny.py fold_norm_weights) computes what it computed
+before, on both sides of the row limit. The Triton kernels are tested against the same torch
+references on a GPU (tests/kernels/test_triton_gemv.py, test_triton_qkv.py); here those
+references stand in for them, so the model's folded path runs in CI, on the CPU."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+
+from engine.models.layers import NormFold
+from engine.skinny import fold_norm_weights
+from engine.weights import load_model
+from kernels.matmul_ref import qkv_rotary_store_ref, skinny_matmul_ref
+from testkit.paged import PagedDriver
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases on q, k and v
+def test_folded_layers_compute_the_same_logits(tiny_model_dir, family: str) -> None:
+    model = load_model(tiny_model_dir(family)).model
+    tokens = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    work = [
+        [(0, tokens[:30]), (1, tokens[30:35])],  # 35 rows: over the limit, the norms run
+        [(0, [7]), (1, [9])],  # two decode rows: folded
+        [(0, tokens[35:38]), (1, [11])],  # four rows: folded, a chunk on a cached prefix
+    ]
+    plain = PagedDriver(model)
+    reference = [[t.clone() for t in plain.step(step)] for step in work]
+    calls: Counter[str] = Counter()
+
+    def matmul(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["norm" if kwargs.get("norm_eps") is not None else "residual"] += 1
+        return skinny_matmul_ref(*args, **kwargs)
+
+    def qkv(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["qkv"] += 1
+        return qkv_rotary_store_ref(*args, **kwargs)
+
+    norm_weight = model.model.layers[0].input_layernorm.weight.clone()
+    fold_norm_weights(model)
+    assert not torch.equal(norm_weight, torch.ones_like(norm_weight))
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones_like(norm_weight))
+    model.model.norm_fold = NormFold(matmul, qkv, max_rows=8)
+    folded = PagedDriver(model)
+    layers = len(model.model.layers)
+    for step, want in zip(work, reference, strict=True):
+        before = sum(calls.values())
+        got = folded.step(step)
+        rows = sum(len(tokens) for _, tokens in step)
+        assert sum(calls.values()) - before == (4 * layers if rows <= 8 else 0)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert calls == {"qkv": 2 * layers, "norm": 2 * layers, "residual": 4 * layers}
+
+
+def test_matmul_reference_takes_one_fold_at_a_time() -> None:
+    x = torch.randn(2, 8)
+    weight = torch.randn(4, 8)
+    residual = torch.randn(2, 4)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(
+        skinny_matmul_ref(x, weight, residual=residual, norm_eps=1e-6), normed @ weight.T + residual
+    )
