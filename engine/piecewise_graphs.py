@@ -71,9 +71,10 @@ class PiecewiseGraphs:
         device, dtype = parameter.device, parameter.dtype
         size = self.buckets[-1]
         self.scratch_slot = scratch_slot
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((size,), scratch_slot, dtype=torch.int64, device=device)
+        # Ids, positions and slots as rows of one tensor, as a ForwardBatch has them: one copy.
+        self.token_rows = torch.zeros((3, size), dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.token_rows.unbind(0)
+        self.slot_mapping.fill_(scratch_slot)
         self.query = torch.zeros(size, config.num_heads, config.head_dim, dtype=dtype, device=device)
         self.attn_out = torch.zeros_like(self.query)
         self.residual = torch.zeros(size, config.hidden_size, dtype=dtype, device=device)
@@ -156,9 +157,7 @@ class PiecewiseGraphs:
         count = batch.input_ids.shape[0]
         bucket = next(b for b in self.buckets if b >= count)
         metadata: AttentionMetadata = batch.metadata
-        self.input_ids[:count].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:count].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:count].copy_(metadata.slot_mapping, non_blocking=True)
+        self.token_rows[:, :count].copy_(batch.token_rows, non_blocking=True)
         self._pad(count, bucket)
         pieces = self._pieces[bucket]
         query, attn_out = self.query[:count], self.attn_out[:count]

@@ -23,6 +23,7 @@ from engine.sampler import Sampler, SamplerOutput, SamplingInputs
 from engine.scheduler import SampledToken, SchedulePlan
 from engine.structured.outputs import PendingMask
 from kernels.argmax import default_argmax
+from kernels.future_tokens import default_resolve
 
 
 class ModelRunner:
@@ -43,6 +44,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler(default_argmax(self.device))
+        self.resolve_future = default_resolve(self.device)
         self.last_step_kind = ""  # how the last plan ran: "graph", "piecewise" or "eager"
         # Sampled ids of the last two launches, by slot: step N reads step N-1's half while
         # it writes its own, and the host has read step N-2's before step N is planned.
@@ -112,11 +114,10 @@ class ModelRunner:
 
     def _batch(self, chunks: list[SequenceChunk], placeholders: bool) -> ForwardBatch:
         batch = build_forward_batch(chunks, self.block_size, self.device)
-        if not placeholders:
-            return batch
-        ids = batch.input_ids
-        from_device = self.future_tokens[(-1 - ids).clamp_(min=0)]
-        return dataclasses.replace(batch, input_ids=torch.where(ids >= 0, ids, from_device))
+        if placeholders:
+            # The ids are this step's own copy (a view of its packed inputs): swapped in place.
+            self.resolve_future(batch.input_ids, self.future_tokens)
+        return batch
 
 
 class LaunchedStep:
