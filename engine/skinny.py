@@ -21,6 +21,7 @@ unit weights for every other path.
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 
 import torch
@@ -91,12 +92,16 @@ def _fuse_qkv(model: CausalLM) -> bool:
 
 
 def _fold_norms(model: CausalLM) -> bool:
-    """Fold every layer's norms into its matmuls (NormFold) if one layer's chain measured faster."""
-    from kernels.triton_gemv import GEMV_MAX_ROWS, fastest_of, gemv
+    """Fold every layer's norms into its matmuls (NormFold) if one layer's chain measured faster.
+
+    `PREFIXGATE_NORM_FOLD=1` (or 0) in the environment folds (or does not) without timing: to
+    compare the two in one benchmark, say."""
+    from kernels.triton_gemv import GEMV_MAX_ROWS, gemv, graph_time_us
     from kernels.triton_qkv import qkv_rotary_store
 
     config = model.config
-    if config.qk_norm or config.head_dim % 64:
+    forced = os.environ.get("PREFIXGATE_NORM_FOLD")
+    if config.qk_norm or config.head_dim % 64 or forced == "0":
         return False  # the same limits as the fused qkv kernel, which does the qkv side
     fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS)
     weight = model.lm_head.weight
@@ -117,10 +122,12 @@ def _fold_norms(model: CausalLM) -> bool:
         layer.after_attention_folded(attn_out, hidden, fold)
 
     layers: list[DecoderLayer] = list(model.model.layers[:4])  # type: ignore[arg-type]
-    with torch.cuda.device(weight.device):  # the timing graph's stream on the layers' device
-        fastest = fastest_of({"separate": separate, "folded": folded}, layers)
-    if fastest != "folded":
-        return False
+    if forced != "1":
+        with torch.cuda.device(weight.device):  # the timing graph's stream on the layers' device
+            with_norms, without = graph_time_us(separate, layers), graph_time_us(folded, layers)
+        log.info("a layer's matmuls at one row: %.1f us with norm kernels, %.1f folded", with_norms, without)
+        if without >= with_norms:
+            return False
     fold_norm_weights(model)
     model.model.norm_fold = fold
     return True
