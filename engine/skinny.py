@@ -96,6 +96,7 @@ def _fold_norms(model: CausalLM) -> bool:
 
     `PREFIXGATE_NORM_FOLD=1` (or 0) in the environment folds (or does not) without timing: to
     compare the two in one benchmark, say."""
+    from kernels.matmul_ref import row_stats_buffer
     from kernels.triton_gemv import GEMV_MAX_ROWS, gemv, graph_time_us
     from kernels.triton_qkv import qkv_rotary_store
 
@@ -103,8 +104,9 @@ def _fold_norms(model: CausalLM) -> bool:
     forced = os.environ.get("PREFIXGATE_NORM_FOLD")
     if config.qk_norm or config.head_dim % 64 or forced == "0":
         return False  # the same limits as the fused qkv kernel, which does the qkv side
-    fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS)
     weight = model.lm_head.weight
+    stats = row_stats_buffer(config.hidden_size, GEMV_MAX_ROWS, weight.device)
+    fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS, stats)
     on = {"device": weight.device, "dtype": weight.dtype}
     hidden = torch.randn(1, config.hidden_size, **on)
     residual = torch.randn(1, config.hidden_size, **on)

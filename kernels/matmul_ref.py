@@ -11,12 +11,32 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention_ref import store_kv
-from kernels.elementwise_ref import rms_norm_ref, rotary_ref, silu_and_mul_ref
+from kernels.elementwise_ref import rotary_ref, silu_and_mul_ref
+
+# A kernel asked for row statistics writes, per ROW_STATS_COLUMNS output columns, the sum of
+# squares of each output row: stats[g, m] = sum(y[m, 32g : 32g + 32] ** 2), in float32. The
+# next kernel adds the cdiv(width, 32) partials of a row up: how a norm of y folds into it.
+ROW_STATS_COLUMNS = 32
 
 
-def unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) with a unit weight, rounded to x's dtype."""
-    return rms_norm_ref(x, torch.ones((), dtype=x.dtype, device=x.device), eps)[0]
+def row_stats_buffer(width: int, rows: int, device: torch.device | str) -> torch.Tensor:
+    """A buffer for the row statistics of [<= rows, width] outputs."""
+    return torch.zeros((-(-width // ROW_STATS_COLUMNS), rows), dtype=torch.float32, device=device)
+
+
+def write_row_stats(y: torch.Tensor, stats: torch.Tensor) -> None:
+    rows, width = y.shape
+    groups = -(-width // ROW_STATS_COLUMNS)
+    squares = F.pad(y.float() ** 2, (0, groups * ROW_STATS_COLUMNS - width))
+    stats[:groups, :rows] = squares.view(rows, groups, ROW_STATS_COLUMNS).sum(-1).T
+
+
+def normalize_with_stats(x: torch.Tensor, stats: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) with a unit weight, its mean square from row statistics, in float32 (the
+    kernels scale the matmul's float32 accumulator, so the normed x is never rounded)."""
+    rows, width = x.shape
+    sum_squares = stats[: -(-width // ROW_STATS_COLUMNS), :rows].sum(0)
+    return x.float() * torch.rsqrt(sum_squares / width + eps)[:, None]
 
 
 def skinny_matmul_ref(
@@ -26,15 +46,24 @@ def skinny_matmul_ref(
     silu_mul: bool = False,
     *,
     residual: torch.Tensor | None = None,
-    norm_eps: float | None = None,
+    row_stats: torch.Tensor | None = None,
+    norm_stats: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
-    """kernels/triton_gemv.gemv's contract: act(x) @ weight^T (+ bias) (+ residual)."""
+    """kernels/triton_gemv.gemv's contract: act(x) @ weight^T (+ bias) (+ residual), act being
+    silu-and-mul, or rmsnorm from `norm_stats`; `row_stats` gets the output's statistics."""
+    dtype = x.dtype
     if silu_mul:
         x = silu_and_mul_ref(x)
-    if norm_eps is not None:
-        x = unit_rms_norm(x, norm_eps)
-    y = F.linear(x, weight, bias)
-    return y if residual is None else y + residual
+    if norm_stats is not None:
+        x = normalize_with_stats(x, norm_stats, norm_eps)
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if residual is not None:
+        y = y + residual.float()
+    y = y.to(dtype)
+    if row_stats is not None:
+        write_row_stats(y, row_stats)
+    return y
 
 
 def qkv_rotary_store_ref(
@@ -48,15 +77,18 @@ def qkv_rotary_store_ref(
     slot_mapping: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
-    norm_eps: float | None = None,
+    norm_stats: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """kernels/triton_qkv.qkv_rotary_store's contract: the rotated query; rotated keys and the
     values stored at the rows' slots (a negative slot stores nothing)."""
     rows = x.shape[0]
     head_dim = weight.shape[0] // (num_heads + 2 * num_kv_heads)
-    if norm_eps is not None:
-        x = unit_rms_norm(x, norm_eps)
-    q, k, v = F.linear(x, weight, bias).split(
+    dtype = x.dtype
+    if norm_stats is not None:
+        x = normalize_with_stats(x, norm_stats, norm_eps)
+    projected = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(dtype)
+    q, k, v = projected.split(
         [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
     )
     query, key = rotary_ref(

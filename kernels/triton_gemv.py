@@ -15,12 +15,15 @@ rounds (kernels/triton_elementwise.py), saving a launch per layer. At one row it
 activation on that row only (computing it on all 16 padded rows is what made the fold lose
 to the separate kernel at batch 1 before).
 
-Two more folds let a decode layer drop its RMSNorm kernels (engine/models/decoder.py, the
-folded path): `residual` adds the residual stream in the epilogue (the o_proj and down
-projections then write the stream itself), and `norm_eps` makes the kernel the matmul of
-rmsnorm(x) with a unit weight: the program sums the squares of the x tiles it loads anyway and
-scales its accumulator rows by rsqrt(mean + eps) at the end (the norm is linear up to that
-per-row factor; the norm's own weight is multiplied into W once, engine/skinny.py).
+Three more let a decode layer drop its RMSNorm kernels (engine/models/decoder.py, the folded
+path): `residual` adds the residual stream in the epilogue (the o_proj and down projections
+then write the stream itself); `row_stats` has that kernel also write, per 32 output columns,
+the sums of squares of its rounded output rows (kernels/matmul_ref.py has the layout); and
+`norm_stats` makes the next kernel the matmul of rmsnorm(x) with a unit weight: it adds those
+partial sums up and scales its accumulator rows by rsqrt(mean + eps) at the end (the norm is
+linear up to that per-row factor; the norm's own weight is multiplied into W once,
+engine/skinny.py). Summing the squares inside the weight loop instead, from the x tiles it
+loads anyway, stopped that loop's loads from pipelining: 3x slower on an H200.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.matmul_ref import ROW_STATS_COLUMNS
 from kernels.triton_pdl import pdl_prologue, use_pdl
+
+_STATS_COLUMNS = tl.constexpr(ROW_STATS_COLUMNS)  # kernels may read only constexpr globals
 
 # Rows up to this take the GEMV (one 16-row MMA tile); more rows are a real GEMM.
 GEMV_MAX_ROWS = 16
@@ -47,10 +53,10 @@ Operand = TypeVar("Operand")  # what a timed call reads in turn: a weight, a lay
 # M is not specialised: a graph bucket per batch size would each compile a variant (~1 s).
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, residual_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym,
-    norm_eps, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ONE_ROW: tl.constexpr, NORM: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr = 16,
+    x_ptr, w_ptr, bias_ptr, residual_ptr, stats_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm,
+    stride_ym, norm_eps, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ONE_ROW: tl.constexpr,
+    NORM: tl.constexpr, ROW_STATS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr = 16, PARTIALS: tl.constexpr = 1,
 ):  # fmt: skip
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
@@ -59,8 +65,10 @@ def _gemv_kernel(
     row_ok = rows < M
     col_ok = cols < N
     dtype = y_ptr.dtype.element_ty
+    if NORM:
+        # Issued before the weight loop, used after it: the previous kernel's partial sums.
+        sum_squares = _load_row_stats(stats_ptr, rows, row_ok, K, BLOCK_M, PARTIALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -79,9 +87,6 @@ def _gemv_kernel(
             x = (activated * up).to(dtype)
         else:
             x = tl.load(x_at, mask=x_mask, other=0.0)
-        if NORM:
-            x32 = x.to(tl.float32)
-            sum_squares += tl.sum(x32 * x32, axis=1)
         w = tl.load(
             w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
             mask=col_ok[:, None] & k_ok[None, :],
@@ -98,11 +103,28 @@ def _gemv_kernel(
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-    tl.store(
-        y_ptr + rows[:, None] * stride_ym + cols[None, :],
-        acc.to(dtype),
-        mask=row_ok[:, None] & col_ok[None, :],
+    out = acc.to(dtype)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+    if ROW_STATS:
+        # Squares of the rounded output (what the next norm reads), summed per 32 columns.
+        squares = out.to(tl.float32) * out.to(tl.float32)
+        GROUPS: tl.constexpr = BLOCK_N // _STATS_COLUMNS
+        partial = tl.sum(tl.reshape(squares, (BLOCK_M, GROUPS, _STATS_COLUMNS)), axis=2)
+        groups = pid * GROUPS + tl.arange(0, GROUPS)
+        tl.store(stats_ptr + groups[None, :] * BLOCK_M + rows[:, None], partial, mask=row_ok[:, None])
+
+
+@triton.jit
+def _load_row_stats(stats_ptr, rows, row_ok, K, BLOCK_M: tl.constexpr, PARTIALS: tl.constexpr):
+    """The sums of squares of the rows of x [M, K], from the partials the kernel that wrote x
+    left: cdiv(K, 32) of them per row (kernels/matmul_ref.py, ROW_STATS_COLUMNS)."""
+    groups = tl.arange(0, PARTIALS)
+    partials = tl.load(
+        stats_ptr + groups[:, None] * BLOCK_M + rows[None, :],
+        mask=(groups < tl.cdiv(K, _STATS_COLUMNS))[:, None] & row_ok[None, :],
+        other=0.0,
     )
+    return tl.sum(partials, axis=0)
 
 
 def default_launch(n: int, k: int) -> dict[str, int]:
@@ -122,12 +144,16 @@ def gemv(
     launch: dict[str, int] | None = None,
     *,
     residual: torch.Tensor | None = None,
-    norm_eps: float | None = None,
+    row_stats: torch.Tensor | None = None,
+    norm_stats: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias) (+ residual) for M <= GEMV_MAX_ROWS, in x's dtype.
 
-    With `silu_mul`, x is [M, 2K] (gate, then up) and silu(gate) * up is what multiplies; with
-    `norm_eps`, rmsnorm(x) (unit weight) is; `residual` [M, N] is added before the one rounding.
+    With `silu_mul`, x is [M, 2K] (gate, then up) and silu(gate) * up is what multiplies.
+    `residual` [M, N] is added before the one rounding. `row_stats` (a row_stats_buffer) gets
+    the partial sums of squares of y's rows; with `norm_stats` (the buffer the kernel that wrote
+    x filled), rmsnorm(x) with a unit weight and `norm_eps` is what multiplies.
     A `launch` with "block_m" (a power of two up to SKINNY_MAX_ROWS) takes up to that many rows.
     """
     rows, width = x.shape
@@ -141,27 +167,46 @@ def gemv(
         raise ValueError(f"gemv takes at most {block_m} rows, got {rows}")
     if width != (2 * k if silu_mul else k) or weight.stride(1) != 1:
         raise ValueError(f"x [{rows}, {width}] does not fit a weight [{n}, {k}] with contiguous rows")
-    if silu_mul and norm_eps is not None:
-        raise ValueError("the norm folds into a matmul of x itself, not of an activation")
     if residual is not None and (residual.shape != (rows, n) or residual.stride(1) != 1):
         raise ValueError(f"residual {tuple(residual.shape)} is not a contiguous-row [{rows}, {n}]")
+    options = launch or default_launch(n, k)
+    if norm_stats is not None:
+        if silu_mul or row_stats is not None:
+            raise ValueError("norm_stats: the norm folds into a matmul of x itself, not of an activation")
+        check_row_stats(norm_stats, k, block_m)
+    if row_stats is not None:
+        check_row_stats(row_stats, n, block_m)
+        if options["block_n"] % ROW_STATS_COLUMNS:
+            raise ValueError(f"row_stats needs column tiles of a multiple of {ROW_STATS_COLUMNS}")
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows:
-        options = launch or default_launch(n, k)
         pdl = use_pdl(x.device)
+        stats = norm_stats if norm_stats is not None else row_stats
         _gemv_kernel[(triton.cdiv(n, options["block_n"]),)](
-            x, weight, bias if bias is not None else weight, residual if residual is not None else y, y,
+            x, weight, bias if bias is not None else weight, residual if residual is not None else y,
+            stats if stats is not None else y, y,
             rows, n, k, x.stride(0), weight.stride(0),
-            residual.stride(0) if residual is not None else 0, y.stride(0),
-            norm_eps if norm_eps is not None else 0.0,
+            residual.stride(0) if residual is not None else 0, y.stride(0), norm_eps,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ONE_ROW=silu_mul and rows == 1,
-            NORM=norm_eps is not None, HAS_RESIDUAL=residual is not None,
+            NORM=norm_stats is not None, ROW_STATS=row_stats is not None, HAS_RESIDUAL=residual is not None,
             BLOCK_N=options["block_n"], BLOCK_K=options["block_k"], USE_PDL=pdl, BLOCK_M=block_m,
+            PARTIALS=triton.next_power_of_2(triton.cdiv(k, ROW_STATS_COLUMNS)),
             num_warps=options["num_warps"], num_stages=options["num_stages"], launch_pdl=pdl,
         )  # fmt: skip
     return y
+
+
+def check_row_stats(stats: torch.Tensor, width: int, block_m: int) -> None:
+    """A row_stats_buffer for rows `width` wide, read or written in tiles of `block_m` rows."""
+    need = (-(-width // ROW_STATS_COLUMNS), block_m)
+    if stats.dtype != torch.float32 or stats.shape[0] < need[0] or stats.shape[1] != need[1]:
+        raise ValueError(
+            f"row stats {tuple(stats.shape)} {stats.dtype}: need float32 [>= {need[0]}, {need[1]}]"
+        )
+    if not stats.is_contiguous():
+        raise ValueError("row stats must be contiguous")
 
 
 def graph_time_us(fn: Callable[[Operand], object], weights: Sequence[Operand], reps: int = 24) -> float:

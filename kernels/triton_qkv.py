@@ -9,8 +9,9 @@ slots (a negative slot, a padding row, stores nothing). The same roundings as th
 separate kernels: the projection rounded to the activation dtype, each rotary product and sum
 rounded as kernels/elementwise_ref.py's rotary_ref.
 
-With `norm_eps` the projection is of rmsnorm(x) with a unit weight, folded in as in
-kernels/triton_gemv.py (sums of squares of the x tiles, the accumulator scaled at the end).
+With `norm_stats` the projection is of rmsnorm(x) with a unit weight, folded in as in
+kernels/triton_gemv.py (the partial sums of squares the kernel that wrote x left, the
+accumulator scaled at the end).
 
 Not for models with q/k norms (Qwen3: the norm sits between projection and rotary).
 """
@@ -23,17 +24,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_gemv import GEMV_MAX_ROWS
+from kernels.matmul_ref import ROW_STATS_COLUMNS
+from kernels.triton_gemv import GEMV_MAX_ROWS, _load_row_stats, check_row_stats
 from kernels.triton_pdl import pdl_prologue, use_pdl
 
 
 @triton.jit(do_not_specialize=["M"])
 def _qkv_rotary_store_kernel(
-    x_ptr, w_ptr, bias_ptr, positions_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr,
+    x_ptr, w_ptr, bias_ptr, stats_ptr, positions_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr,
     M, K, stride_xm, stride_wn, stride_qm, stride_c,
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head, norm_eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    PARTIALS: tl.constexpr,
 ):  # fmt: skip
     pdl_prologue(USE_PDL)
     QUARTER: tl.constexpr = HEAD_DIM // 4
@@ -48,17 +51,15 @@ def _qkv_rotary_store_kernel(
     dims_in_head = (i // QUARTER) * HALF + quarter * QUARTER + i % QUARTER
     w_rows = w_ptr + (head * HEAD_DIM + dims_in_head)[:, None].to(tl.int64) * stride_wn
     dtype = q_ptr.dtype.element_ty
+    if NORM:
+        sum_squares = _load_row_stats(stats_ptr, rows, row_ok, K, 16, PARTIALS)
     acc = tl.zeros((16, HALF), dtype=tl.float32)
-    sum_squares = tl.zeros((16,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
-        if NORM:
-            x32 = x.to(tl.float32)
-            sum_squares += tl.sum(x32 * x32, axis=1)
         w = tl.load(w_rows + ks[None, :], mask=k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     if NORM:
@@ -109,12 +110,13 @@ def qkv_rotary_store(
     slot_mapping: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
-    norm_eps: float | None = None,
+    norm_stats: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """The rotated query [M, heads, head_dim] of x [M, K] @ weight^T (+ bias), M <= 16; the
     rotated keys and the values are written into kv_cache [2, blocks, block_size, kv_heads,
     head_dim] at slot_mapping. cos/sin are the float32 [positions, head_dim] tables. With
-    `norm_eps`, rmsnorm(x) (unit weight) takes x's place."""
+    `norm_stats` (kernels/triton_gemv.py), rmsnorm(x) with a unit weight takes x's place."""
     rows, k = x.shape
     _, _, block_size, cache_heads, head_dim = kv_cache.shape
     n = (num_heads + 2 * num_kv_heads) * head_dim
@@ -124,6 +126,8 @@ def qkv_rotary_store(
         raise ValueError(f"weight {tuple(weight.shape)} and cache {tuple(kv_cache.shape)} do not fit")
     if head_dim % 64 or kv_cache.stride(-1) != 1:
         raise ValueError("head_dim must be a multiple of 64, innermost and contiguous in the cache")
+    if norm_stats is not None:
+        check_row_stats(norm_stats, k, GEMV_MAX_ROWS)
     if x.stride(1) != 1:
         x = x.contiguous()
     query = torch.empty((rows, num_heads, head_dim), dtype=x.dtype, device=x.device)
@@ -134,12 +138,14 @@ def qkv_rotary_store(
         block_k = max(16, 16384 // (head_dim // 2))
         bias_or_any = bias if bias is not None else weight
         _qkv_rotary_store_kernel[(2 * (num_heads + 2 * num_kv_heads),)](
-            x, weight, bias_or_any, positions, cos, sin, query, kv_cache, slot_mapping,
+            x, weight, bias_or_any, norm_stats if norm_stats is not None else query,
+            positions, cos, sin, query, kv_cache, slot_mapping,
             rows, k, x.stride(0), weight.stride(0), query.stride(0), cos.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-            norm_eps if norm_eps is not None else 0.0,
+            norm_eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            HAS_BIAS=bias is not None, NORM=norm_eps is not None, BLOCK_K=block_k, USE_PDL=pdl,
+            HAS_BIAS=bias is not None, NORM=norm_stats is not None, BLOCK_K=block_k, USE_PDL=pdl,
+            PARTIALS=triton.next_power_of_2(triton.cdiv(k, ROW_STATS_COLUMNS)),
             num_warps=4, num_stages=3, launch_pdl=pdl,
         )  # fmt: skip
     return query

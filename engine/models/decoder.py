@@ -147,11 +147,15 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        first: bool = False,
     ) -> torch.Tensor:
         """The residual stream after this layer, with no norm kernel: the matmuls after each norm
         normalise their input rows themselves and the ones before it add the residual, so the
-        stream is the only activation passed between them (the norms' weights are in W)."""
-        query = self.attention_inputs_folded(stream, fold, positions, kv_cache, metadata.slot_mapping)
+        stream is the only activation passed between them (the norms' weights are in W).
+
+        The first layer's input, the embeddings, comes from no matmul that left its rows'
+        sums of squares: its norm runs as a kernel (with a unit weight)."""
+        query = self.attention_inputs_folded(stream, fold, positions, kv_cache, metadata.slot_mapping, first)
         return self.after_attention_folded(self.self_attn.attend(query, kv_cache, metadata), stream, fold)
 
     def attention_inputs_folded(
@@ -161,28 +165,36 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        first: bool = False,
     ) -> torch.Tensor:
         attn = self.self_attn
         qkv = attn.qkv_proj
         rotary = attn.rotary
+        args = (positions, rotary.cos, rotary.sin, kv_cache, slot_mapping, attn.num_heads, attn.num_kv_heads)
+        if first:
+            return fold.qkv(self.input_layernorm(stream)[0], qkv.weight, qkv.bias, *args)
         return fold.qkv(
-            stream, qkv.weight, qkv.bias, positions, rotary.cos, rotary.sin, kv_cache, slot_mapping,
-            attn.num_heads, attn.num_kv_heads, norm_eps=self.input_layernorm.eps,
-        )  # fmt: skip
+            stream, qkv.weight, qkv.bias, *args, norm_stats=fold.stats, norm_eps=self.input_layernorm.eps
+        )
 
     def after_attention_folded(
         self, attn_out: torch.Tensor, stream: torch.Tensor, fold: NormFold
     ) -> torch.Tensor:
-        o_proj = self.self_attn.o_proj
+        o_proj, mlp = self.self_attn.o_proj, self.mlp
+        stats = fold.stats
         stream = fold.matmul(
-            attn_out.reshape(attn_out.shape[0], -1), o_proj.weight, o_proj.bias, False, residual=stream
-        )
-        mlp = self.mlp
+            attn_out.reshape(attn_out.shape[0], -1), o_proj.weight, o_proj.bias, False,
+            residual=stream, row_stats=stats,
+        )  # fmt: skip
         gate_up = fold.matmul(
             stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, False,
-            norm_eps=self.post_attention_layernorm.eps,
+            norm_stats=stats, norm_eps=self.post_attention_layernorm.eps,
         )  # fmt: skip
-        return fold.matmul(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, True, residual=stream)
+        # The statistics are overwritten only once the gate_up kernel that read them is done:
+        # kernels run in stream order (with PDL, each waits for its predecessor first).
+        return fold.matmul(
+            gate_up, mlp.down_proj.weight, mlp.down_proj.bias, True, residual=stream, row_stats=stats
+        )
 
 
 class DecoderModel(nn.Module):
@@ -212,8 +224,8 @@ class DecoderModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         fold = self.norm_fold
         if fold is not None and hidden.shape[0] <= fold.max_rows:
-            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-                hidden = layer.forward_folded(hidden, fold, positions, kv_cache, metadata)
+            for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                hidden = layer.forward_folded(hidden, fold, positions, kv_cache, metadata, first=index == 0)
             return self.norm(hidden)[0]
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

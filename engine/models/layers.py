@@ -36,19 +36,22 @@ class FusedQkv:
 
 @dataclass(frozen=True)
 class NormFold:
-    """Batches of at most `max_rows` rows run each decoder layer with its two RMSNorms folded
-    into the matmuls around them (engine/models/decoder.py, DecoderLayer.forward_folded).
+    """Batches of at most `max_rows` rows run each decoder layer with its RMSNorms folded into
+    the matmuls around them (engine/models/decoder.py, DecoderLayer.forward_folded).
 
-    `matmul` is (x, weight, bias, silu_mul, *, residual=None, norm_eps=None) -> y: with
-    `norm_eps` the matmul of rmsnorm(x) with a unit weight, with `residual` the residual stream
-    added in the epilogue. `qkv` is a FusedQkv kernel taking `norm_eps` the same way. The norms'
-    own weights are then multiplied into the qkv and gate_up weights (engine/skinny.py), so the
-    other paths run those norms with unit weights and compute the same function.
+    `matmul` is (x, weight, bias, silu_mul, *, residual=None, row_stats=None, norm_stats=None,
+    norm_eps) -> y, and `qkv` a FusedQkv kernel taking `norm_stats` and `norm_eps` the same way
+    (kernels/triton_gemv.py has the contract, kernels/matmul_ref.py a torch version): the
+    matmul before a norm adds the residual stream and leaves its rows' sums of squares in
+    `stats`, the one after it normalises its input rows with them. The norms' own weights are
+    multiplied into the qkv and gate_up weights (engine/skinny.py), so the other paths run those
+    norms with unit weights and compute the same function.
     """
 
     matmul: Callable[..., torch.Tensor]
     qkv: Callable[..., torch.Tensor]
     max_rows: int
+    stats: torch.Tensor  # kernels/matmul_ref.py row_stats_buffer(hidden, max_rows)
 
 
 class Linear(nn.Linear):

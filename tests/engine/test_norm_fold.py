@@ -15,7 +15,7 @@ import torch
 from engine.models.layers import NormFold
 from engine.skinny import fold_norm_weights
 from engine.weights import load_model
-from kernels.matmul_ref import qkv_rotary_store_ref, skinny_matmul_ref
+from kernels.matmul_ref import qkv_rotary_store_ref, row_stats_buffer, skinny_matmul_ref
 from testkit.paged import PagedDriver
 
 
@@ -33,18 +33,20 @@ def test_folded_layers_compute_the_same_logits(tiny_model_dir, family: str) -> N
     calls: Counter[str] = Counter()
 
     def matmul(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls["norm" if kwargs.get("norm_eps") is not None else "residual"] += 1
+        calls["norm" if kwargs.get("norm_stats") is not None else "residual"] += 1
+        assert (kwargs.get("residual") is not None) == (kwargs.get("row_stats") is not None)
         return skinny_matmul_ref(*args, **kwargs)
 
     def qkv(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls["qkv"] += 1
+        calls["qkv normalising" if kwargs.get("norm_stats") is not None else "qkv"] += 1
         return qkv_rotary_store_ref(*args, **kwargs)
 
     norm_weight = model.model.layers[0].input_layernorm.weight.clone()
     fold_norm_weights(model)
     assert not torch.equal(norm_weight, torch.ones_like(norm_weight))
     assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones_like(norm_weight))
-    model.model.norm_fold = NormFold(matmul, qkv, max_rows=8)
+    stats = row_stats_buffer(model.config.hidden_size, 8, "cpu")
+    model.model.norm_fold = NormFold(matmul, qkv, max_rows=8, stats=stats)
     folded = PagedDriver(model)
     layers = len(model.model.layers)
     for step, want in zip(work, reference, strict=True):
@@ -54,14 +56,25 @@ def test_folded_layers_compute_the_same_logits(tiny_model_dir, family: str) -> N
         assert sum(calls.values()) - before == (4 * layers if rows <= 8 else 0)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert calls == {"qkv": 2 * layers, "norm": 2 * layers, "residual": 4 * layers}
+    # Two folded steps: the first layer's qkv after a norm kernel (the embeddings have no row
+    # statistics), the others' normalising their rows themselves.
+    assert calls == {
+        "qkv": 2,
+        "qkv normalising": 2 * (layers - 1),
+        "norm": 2 * layers,
+        "residual": 4 * layers,
+    }
 
 
-def test_matmul_reference_takes_one_fold_at_a_time() -> None:
-    x = torch.randn(2, 8)
-    weight = torch.randn(4, 8)
-    residual = torch.randn(2, 4)
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-    torch.testing.assert_close(
-        skinny_matmul_ref(x, weight, residual=residual, norm_eps=1e-6), normed @ weight.T + residual
-    )
+def test_row_statistics_carry_a_norm_from_one_matmul_to_the_next() -> None:
+    x = torch.randn(3, 70)
+    w_first, w_next = torch.randn(100, 70), torch.randn(5, 100)
+    residual = torch.randn(3, 100)
+    stats = row_stats_buffer(100, 4, "cpu")
+    stats.fill_(7.0)  # stale values: the first kernel overwrites what the next one reads
+    y = skinny_matmul_ref(x, w_first, residual=residual, row_stats=stats)
+    torch.testing.assert_close(y, x @ w_first.T + residual)
+    assert stats.shape == (4, 4)  # cdiv(100, 32) partials of each of up to 4 rows
+    torch.testing.assert_close(stats[:, :3].sum(0), y.pow(2).sum(-1))
+    normed = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(skinny_matmul_ref(y, w_next, norm_stats=stats), normed @ w_next.T)

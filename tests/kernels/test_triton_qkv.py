@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kernels.attention_ref import store_kv
 from kernels.elementwise_ref import rotary_ref
+from kernels.matmul_ref import row_stats_buffer, write_row_stats
 from testkit.numerics import DEVICE, fresh_generator
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +30,7 @@ def rotary_tables(head_dim: int, positions: int = 4096) -> tuple[torch.Tensor, t
     [(32, 8, 128, 4096), (8, 8, 64, 576), (12, 2, 128, 1536), (4, 1, 64, 200)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("norm_eps", [None, 1e-5])  # rmsnorm(x) folded in (kernels/triton_gemv.py)
+@pytest.mark.parametrize("norm_eps", [None, 1e-5])  # rmsnorm(x) folded in, from x's row statistics
 def test_fused_qkv_matches_projection_rotary_and_store(
     dtype: torch.dtype,
     rows: int,
@@ -53,7 +54,10 @@ def test_fused_qkv_matches_projection_rotary_and_store(
     cache = torch.randn(2, 8, 16, kv_heads, head_dim, generator=gen).to(dtype)
     expected_cache = cache.clone()
     x32 = x.float()
+    norm_stats = None
     if norm_eps is not None:  # normalised in float32, not rounded: as the kernel does it
+        norm_stats = row_stats_buffer(hidden, 16, "cpu").fill_(5.0)  # stale values past the rows
+        write_row_stats(x, norm_stats)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm_eps)
     qkv = F.linear(x32, weight.float(), None if bias is None else bias.float()).to(dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -67,7 +71,8 @@ def test_fused_qkv_matches_projection_rotary_and_store(
     cache = cache.to(**on)
     got_q = triton_qkv.qkv_rotary_store(
         x.to(**on), weight.to(**on), None if bias is None else bias.to(**on), positions.to(**on),
-        cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads, norm_eps,
+        cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads,
+        None if norm_stats is None else norm_stats.to(**on), norm_eps or 1e-6,
     )  # fmt: skip
     # Only the float32 summation order of the projection differs: at most a rounding step apart.
     tolerance = 2 * torch.finfo(dtype).eps * max(1.0, expected_q.abs().max().item())
@@ -115,14 +120,20 @@ def test_torch_reference_of_the_contract_agrees(norm_eps: float | None) -> None:
     slots = torch.tensor([3, -1, 17])
     cos, sin = rotary_tables(head_dim, 128)
     ref_cache = torch.zeros(2, 4, 16, kv_heads, head_dim)
+    stats = None
+    if norm_eps is not None:
+        stats = row_stats_buffer(hidden, 16, "cpu")
+        write_row_stats(x.half(), stats)
     want = qkv_rotary_store_ref(
-        x, weight, bias, positions, cos, sin, ref_cache, slots, heads, kv_heads, norm_eps
-    )
+        x.half().float(), weight, bias, positions, cos, sin, ref_cache, slots, heads, kv_heads, stats,
+        norm_eps or 1e-6,
+    )  # fmt: skip
     on = {"device": DEVICE}
     cache = torch.zeros(2, 4, 16, kv_heads, head_dim, dtype=torch.float16, **on)
     got = triton_qkv.qkv_rotary_store(
         x.half().to(**on), weight.half().to(**on), bias.half().to(**on), positions.to(**on),
-        cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads, norm_eps,
+        cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads,
+        None if stats is None else stats.to(**on), norm_eps or 1e-6,
     )  # fmt: skip
     assert relative_error(got.cpu(), want) < 1e-2, f"seed {seed}"
     assert relative_error(cache.cpu(), ref_cache) < 1e-2, f"seed {seed}"
