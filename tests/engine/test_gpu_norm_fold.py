@@ -21,11 +21,13 @@ pytest.importorskip("triton")
 
 
 def fold(model: CausalLM) -> None:
+    from kernels.matmul_ref import row_stats_buffer
     from kernels.triton_gemv import GEMV_MAX_ROWS, gemv
     from kernels.triton_qkv import qkv_rotary_store
 
     fold_norm_weights(model)
-    model.model.norm_fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS)
+    stats = row_stats_buffer(model.config.hidden_size, GEMV_MAX_ROWS, model.lm_head.weight.device)
+    model.model.norm_fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS, stats)
 
 
 def test_folded_model_follows_the_float32_reference(tiny_model_dir) -> None:
