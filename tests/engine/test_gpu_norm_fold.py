@@ -36,15 +36,20 @@ def test_folded_model_follows_the_float32_reference(tiny_model_dir) -> None:
     steps = [[(0, tokens[:40])], [(0, tokens[40:41])], [(0, tokens[41:50])], [(0, tokens[50:51])]]
     reference = PagedDriver(load_model(folder).model, block_size=16)
     want = torch.cat([reference.step(step)[0] for step in steps])
-    model = load_model(folder, dtype=torch.bfloat16, device="cuda").model
-    fold(model)
-    driver = PagedDriver(model, block_size=16)
-    got = torch.cat([driver.step(step)[0] for step in steps]).cpu()
-    assert torch.isfinite(got).all()
-    assert relative_error(got, want) < 2e-2
-    # The 40-row prompt ran the norm kernels with unit weights over the folded weights, the
-    # later rows the folded path; both follow the reference.
-    assert relative_error(got[:40], want[:40]) < 2e-2 and relative_error(got[40:], want[40:]) < 2e-2
+    errors = {}
+    for folded in (False, True):
+        model = load_model(folder, dtype=torch.bfloat16, device="cuda").model
+        if folded:
+            fold(model)
+        driver = PagedDriver(model, block_size=16)
+        got = torch.cat([driver.step(step)[0] for step in steps]).cpu()
+        assert torch.isfinite(got).all()
+        # The 40-row prompt runs the norm kernels (unit weights over the folded weights when
+        # folded), the later rows the folded path: both follow the reference.
+        errors[folded] = (relative_error(got[:40], want[:40]), relative_error(got[40:], want[40:]))
+    # bf16 alone is ~2% off float32 on this model; the fold must not add to it measurably.
+    for plain, folded in zip(errors[False], errors[True], strict=True):
+        assert plain < 4e-2 and folded < 1.2 * plain, errors
 
 
 def test_engine_with_the_fold_in_its_graphs_matches_the_engine_without(tiny_model_dir) -> None:
