@@ -67,7 +67,7 @@ def _gemv_kernel(
     dtype = y_ptr.dtype.element_ty
     if NORM:
         # Issued before the weight loop, used after it: the previous kernel's partial sums.
-        sum_squares = _load_row_stats(stats_ptr, rows, row_ok, K, BLOCK_M, PARTIALS)
+        sum_squares = load_row_stats(stats_ptr, rows, row_ok, K, BLOCK_M, PARTIALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -115,7 +115,7 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _load_row_stats(stats_ptr, rows, row_ok, K, BLOCK_M: tl.constexpr, PARTIALS: tl.constexpr):
+def load_row_stats(stats_ptr, rows, row_ok, K, BLOCK_M: tl.constexpr, PARTIALS: tl.constexpr):
     """The sums of squares of the rows of x [M, K], from the partials the kernel that wrote x
     left: cdiv(K, 32) of them per row (kernels/matmul_ref.py, ROW_STATS_COLUMNS)."""
     groups = tl.arange(0, PARTIALS)
@@ -192,10 +192,16 @@ def gemv(
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ONE_ROW=silu_mul and rows == 1,
             NORM=norm_stats is not None, ROW_STATS=row_stats is not None, HAS_RESIDUAL=residual is not None,
             BLOCK_N=options["block_n"], BLOCK_K=options["block_k"], USE_PDL=pdl, BLOCK_M=block_m,
-            PARTIALS=triton.next_power_of_2(triton.cdiv(k, ROW_STATS_COLUMNS)),
+            PARTIALS=norm_partials(norm_stats, k),
             num_warps=options["num_warps"], num_stages=options["num_stages"], launch_pdl=pdl,
         )  # fmt: skip
     return y
+
+
+def norm_partials(norm_stats: torch.Tensor | None, width: int) -> int:
+    """The PARTIALS constexpr: a power of two that holds the partials of a `width`-wide row, or
+    1 without a norm (a constant that followed K would compile a variant per weight shape)."""
+    return triton.next_power_of_2(triton.cdiv(width, ROW_STATS_COLUMNS)) if norm_stats is not None else 1
 
 
 def check_row_stats(stats: torch.Tensor, width: int, block_m: int) -> None:

@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.matmul_ref import ROW_STATS_COLUMNS
-from kernels.triton_gemv import GEMV_MAX_ROWS, _load_row_stats, check_row_stats
+from kernels.triton_gemv import GEMV_MAX_ROWS, check_row_stats, load_row_stats, norm_partials
 from kernels.triton_pdl import pdl_prologue, use_pdl
 
 
@@ -52,7 +51,7 @@ def _qkv_rotary_store_kernel(
     w_rows = w_ptr + (head * HEAD_DIM + dims_in_head)[:, None].to(tl.int64) * stride_wn
     dtype = q_ptr.dtype.element_ty
     if NORM:
-        sum_squares = _load_row_stats(stats_ptr, rows, row_ok, K, 16, PARTIALS)
+        sum_squares = load_row_stats(stats_ptr, rows, row_ok, K, 16, PARTIALS)
     acc = tl.zeros((16, HALF), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -145,7 +144,7 @@ def qkv_rotary_store(
             norm_eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             HAS_BIAS=bias is not None, NORM=norm_stats is not None, BLOCK_K=block_k, USE_PDL=pdl,
-            PARTIALS=triton.next_power_of_2(triton.cdiv(k, ROW_STATS_COLUMNS)),
+            PARTIALS=norm_partials(norm_stats, k),
             num_warps=4, num_stages=3, launch_pdl=pdl,
         )  # fmt: skip
     return query
