@@ -32,10 +32,6 @@ from engine.models.layers import FusedQkv, Linear, NormFold, SkinnyMatmul
 
 log = logging.getLogger(__name__)
 
-# The most of the L2 a prefetched weight may take: the KV that attention reads meanwhile, and
-# lines the prefetch maps unevenly, need the rest.
-L2_PREFETCH_SHARE = 0.75
-
 
 def use_skinny_matmuls(model: CausalLM) -> list[str]:
     """Set the GEMV on every projection whose shape it measured faster; returns their groups."""
@@ -72,8 +68,6 @@ def use_skinny_matmuls(model: CausalLM) -> list[str]:
             chosen.append("qkv_proj with rotary and KV store")
         if _fold_norms(model):
             chosen.append("RMSNorms folded into the matmuls")
-        if _prefetch_o_proj(model):
-            chosen.append("o_proj's weight brought into L2 during decode attention")
     log.info("skinny matmuls (<= %d rows) on: %s", GEMV_MAX_ROWS, ", ".join(chosen) or "none")
     return chosen
 
@@ -139,23 +133,6 @@ def _fold_norms(model: CausalLM) -> bool:
             return False
     fold_norm_weights(model)
     model.model.norm_fold = fold
-    return True
-
-
-def _prefetch_o_proj(model: CausalLM) -> bool:
-    """Have decode attention warm L2 with o_proj's weight, the next kernel's read, where the
-    weight fits the card's L2 with room to spare (kernels/triton_prefetch.py)."""
-    from kernels.triton_prefetch import can_prefetch
-
-    attentions = [layer.self_attn for layer in model.model.layers]
-    weight = attentions[0].o_proj.weight  # type: ignore[union-attr]
-    if attentions[0].backend.name != "triton" or not can_prefetch(weight.device):  # type: ignore[union-attr]
-        return False
-    l2_bytes = torch.cuda.get_device_properties(weight.device).L2_cache_size
-    if weight.numel() * weight.element_size() > L2_PREFETCH_SHARE * l2_bytes:
-        return False
-    for attention in attentions:
-        attention.l2_prefetch = attention.o_proj.weight  # type: ignore[union-attr,assignment]
     return True
 
 

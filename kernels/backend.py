@@ -30,12 +30,8 @@ class AttentionBackend(Protocol):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
-        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention of query [T, heads, head_dim] over the stored context; into `out` when given.
-
-        `prefetch` is a hint: a tensor the next kernel reads, which a backend may bring into
-        the GPU's L2 while attention runs (kernels/triton_prefetch.py); it changes no result."""
+        """Attention of query [T, heads, head_dim] over the stored context; into `out` when given."""
         ...
 
 
@@ -56,7 +52,6 @@ class TorchAttention:
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
-        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         result = paged_attention_ref(query, kv_cache, metadata, scale)
         if out is None:
@@ -98,7 +93,6 @@ class TritonAttention:
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
-        prefetch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if out is None:
             out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -106,9 +100,8 @@ class TritonAttention:
             return out
         if metadata.is_pure_decode:
             return self._decode(
-                query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.max_seq_len, scale, out,
-                prefetch=prefetch,
-            )  # fmt: skip
+                query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.max_seq_len, scale, out
+            )
         # Decodes mixed into a prefill batch run here too, as one-token chunks. Short chunks on
         # long contexts split the keys across programs (max_seq_len sizes the splits).
         return self._extend(

@@ -21,7 +21,6 @@ import triton.language as tl
 
 from kernels.triton_common import LOG2E, check_attention_shapes, dot_precision, next_power_of_two, num_sms
 from kernels.triton_pdl import pdl_prologue, use_pdl
-from kernels.triton_prefetch import prefetch_launch, prefetch_mode, prefetch_share
 
 # One tile: on an H200, b1 ctx512 ran 6.6 us with 8 splits of 64 keys vs 8.0 with 4 of 128.
 MIN_SPLIT_TOKENS = 64
@@ -46,9 +45,6 @@ def _decode_kernel(
     partial_acc_ptr,
     partial_max_ptr,
     partial_sum_ptr,
-    prefetch_ptr,
-    prefetch_bytes,
-    prefetch_share_bytes,
     scale_log2,
     stride_query_token,
     stride_query_head,
@@ -69,17 +65,11 @@ def _decode_kernel(
     SINGLE_SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = 0,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if PREFETCH:
-        # DRAM is nearly idle while attention runs: warm L2 with the next matmul's weight,
-        # every program (empty splits too) issuing its share (kernels/triton_prefetch.py).
-        share = (seq * tl.num_programs(1) + kv_head) * tl.num_programs(2) + split
-        prefetch_share(prefetch_ptr, prefetch_bytes, prefetch_share_bytes, share, PREFETCH)
     seq_len = tl.load(seq_lens_ptr + seq)
     split_tokens = _split_tokens(seq_len, num_splits, BLOCK_N)
     start = split * split_tokens
@@ -214,14 +204,11 @@ def paged_decode_triton(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per sequence: query [B, heads, head_dim] -> out [B, heads, head_dim].
 
     max_seq_len is the host's copy of max(seq_lens); it sizes the grid. num_splits overrides
-    the heuristic (for benchmarks). `prefetch`, a contiguous tensor the next kernel reads (the
-    o_proj weight), is brought into L2 while attention runs (kernels/triton_prefetch.py;
-    the caller checks `can_prefetch`).
+    the heuristic (for benchmarks).
     """
     num_heads, num_kv_heads, head_dim, block_size = check_attention_shapes(query, kv_cache)
     num_seqs = query.shape[0]
@@ -245,7 +232,6 @@ def paged_decode_triton(
         partial_max = torch.empty((rows,), dtype=torch.float32, device=query.device)
         partial_sum = torch.empty((rows,), dtype=torch.float32, device=query.device)
     pdl = use_pdl(query.device)
-    prefetched, prefetch_bytes, prefetch_share_bytes = prefetch_launch(prefetch, num_seqs * num_kv_heads * splits)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         query,
         kv_cache,
@@ -255,9 +241,6 @@ def paged_decode_triton(
         partial_acc,
         partial_max,
         partial_sum,
-        prefetched if prefetched is not None else out,
-        prefetch_bytes,
-        prefetch_share_bytes,
         scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -281,7 +264,6 @@ def paged_decode_triton(
         # float32 tiles are twice the bytes: two stages keep a d256 tile inside shared memory.
         num_stages=2 if query.dtype == torch.float32 else 3,
         USE_PDL=pdl,
-        PREFETCH=prefetch_mode() if prefetched is not None else 0,
         launch_pdl=pdl,
     )
     if not single:

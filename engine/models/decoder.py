@@ -38,9 +38,6 @@ class Attention(nn.Module):
         self.backend = backend
         # Set by engine/skinny.py on a GPU where it measured faster than the three launches.
         self.fused_qkv: FusedQkv | None = None
-        # Set by engine/skinny.py on a GPU whose decode attention can warm L2 with it (o_proj's
-        # weight, which the kernel after attention reads; kernels/triton_prefetch.py).
-        self.l2_prefetch: torch.Tensor | None = None
 
     def project(
         self,
@@ -80,7 +77,7 @@ class Attention(nn.Module):
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention over each sequence's context: its launch depends on the batch's sequences."""
-        return self.backend.attend(query, kv_cache, metadata, self.scale, out, prefetch=self.l2_prefetch)
+        return self.backend.attend(query, kv_cache, metadata, self.scale, out)
 
     def output(self, attn_out: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attn_out.reshape(attn_out.shape[0], self.q_size))

@@ -237,37 +237,6 @@ def test_decode_any_split_count_gives_the_same_attention(num_splits, host_max_se
     assert error < HALF_TOLERANCE, f"seed {seed}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("prefetch_shape", [(4096, 4096), (1000, 24), (3, 8)], ids=["o_proj", "odd", "tiny"])
-@pytest.mark.parametrize("num_splits", [1, 7, None])
-def test_decode_with_an_l2_prefetch_gives_the_same_bits(prefetch_shape, num_splits) -> None:
-    """The prefetch is a hint: attention's output is bit for bit the same with and without it,
-    for a tensor larger than any one program's share, one that does not divide evenly, and
-    one smaller than a single piece; the prefetched tensor is left as it was."""
-    from kernels.triton_prefetch import can_prefetch
-
-    if not can_prefetch(torch.device(DEVICE)):
-        pytest.skip("bulk L2 prefetch needs an NVIDIA Hopper or later")
-    gen, seed = fresh_generator()
-    lens = [1, 129, 700]
-    batch = PagedBatch([1] * len(lens), lens, 32, 8, 128, 16, torch.bfloat16, gen)
-    store_kv(batch.key, batch.value, batch.cache, batch.metadata.slot_mapping)
-    batch.to(DEVICE)
-    m = batch.metadata
-    weight = torch.randn(prefetch_shape, generator=gen).to(DEVICE, torch.bfloat16)
-    before = weight.clone()
-    outs = []
-    for prefetch in (None, weight):
-        out = torch.full_like(batch.query, float("nan"))
-        paged_decode_triton(
-            batch.query, batch.cache, m.block_tables, m.seq_lens, 8192, batch.scale, out,
-            num_splits=num_splits, prefetch=prefetch,
-        )  # fmt: skip
-        outs.append(out)
-    assert torch.isfinite(outs[0]).all(), f"seed {seed}"
-    assert torch.equal(outs[0], outs[1]), f"seed {seed}"
-    assert torch.equal(weight, before)
-
-
 # --- extend (prefill chunks, with decodes mixed in) --------------------------------------------
 
 
