@@ -12,10 +12,15 @@ gateway, sglang-router), streamed and not:
 - latency: requests one at a time; a stream is timed to its `data: [DONE]`. Targets take
   turns in small batches, so load from elsewhere on the machine hits all of them alike;
 - throughput: 32 requests in flight for a few seconds, requests/s (also taking turns);
-- paced streams: a second mock (with its own gateway and sglang-router) spaces its streamed
-  tokens 2 ms apart, as an engine's decode steps do: what a router adds when chunks arrive
-  one at a time rather than all at once (write coalescing cannot help there, Nagle's
-  algorithm and delayed ACKs can hurt).
+- a floor: bench/tcp_pipe.py, a Python process that only copies bytes between the client
+  and the mock (no HTTP parsing): what any Python process in the path adds at the least;
+- paced: a second mock (with its own gateway and sglang-router) spaces its streamed tokens
+  2 ms apart, as an engine's decode steps do, and holds a non-streamed answer as long: what a
+  router adds when chunks arrive one at a time rather than all at once (write coalescing
+  cannot help there, Nagle's algorithm and delayed ACKs can hurt), and what it adds to a
+  non-streamed answer when, as from an engine, its tokens come over time (our gateway reads
+  the replica's token frames as they come either way, so only the last one's work is left
+  when the answer completes).
 
 A router's added latency is its percentile minus the mock's own in the same run. Prints a
 markdown table; writes gateway_latency.json and gateway_latency.md under --out.
@@ -49,7 +54,7 @@ import aiohttp
 from bench.mock_replica import MODEL_NAME, OUTPUT_TOKENS
 
 PACED_MS = 2.0
-_TARGETS = ["mock (direct)", "prefixgate gateway", "sglang-router"]
+_TARGETS = ["mock (direct)", "Python TCP pipe", "prefixgate gateway", "sglang-router"]
 _DONE = b"data: [DONE]\n\n"
 _numbers = itertools.count()
 _MESSAGES = [
@@ -199,6 +204,7 @@ class Mode:
 MODES = (
     Mode("non-streaming", False, False),
     Mode("streaming", True, False),
+    Mode(f"non-streaming, {PACED_MS:g} ms between tokens", False, True),
     Mode(f"streaming, {PACED_MS:g} ms between tokens", True, True),
 )
 
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def targets(pace_ms: float, tag: str) -> dict[str, str]:
             """A mock, our gateway and sglang-router in front of it: name -> chat URL."""
-            mock_port, gateway_port, sglang_port = _free_port(), _free_port(), _free_port()
+            mock_port, gateway_port, sglang_port, pipe_port = (_free_port() for _ in range(4))
             mock = f"http://127.0.0.1:{mock_port}"
             mock_args = ["--port", str(mock_port), "--token-interval-ms", str(pace_ms)]
             _spawn(started, [python, "-m", "bench.mock_replica", *mock_args], logs / f"mock{tag}.log")
@@ -338,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             gateway_args = ["--replica", mock, "--port", str(gateway_port), "--log-level", "warning"]
             gateway = [python, "-m", "prefixgate.cli", "gateway", *gateway_args]
             _spawn(started, gateway, logs / f"gateway{tag}.log")
+            pipe = [python, "-m", "bench.tcp_pipe", "--port", str(pipe_port), "--upstream", mock[7:]]
+            _spawn(started, pipe, logs / f"tcp_pipe{tag}.log")
             found = {
                 "mock (direct)": f"{mock}/v1/chat/completions",
+                "Python TCP pipe": f"http://127.0.0.1:{pipe_port}/v1/chat/completions",
                 "prefixgate gateway": f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
             }
             if not args.no_sglang:

@@ -14,7 +14,8 @@ It serves, with no model and answers prepared at start:
 Every answer is the same OUTPUT_TOKENS tokens of text (fewer when max_tokens asks for fewer),
 so the only difference between two targets in front of this mock is the target itself.
 `--token-interval-ms N` spaces streamed tokens (and /internal/generate frames) N ms apart, as
-an engine's decode steps would; by default everything is sent at once.
+an engine's decode steps would, and holds a non-streamed answer for the same time; by default
+everything is sent at once, a streamed answer in one write.
 """
 
 from __future__ import annotations
@@ -65,6 +66,49 @@ def default_model_folder() -> Path:
     from engine.model_store import ensure_default_model
 
     return ensure_default_model()
+
+
+class _Cadence:
+    """One answer's token times: token i is due `interval_s` x i after the first, however long
+    writing the ones before took, as an engine's decode steps keep their own pace (sleeping a
+    whole interval after each write would charge a router for the mock's own writes)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.start = time.monotonic()
+        self.tokens = 0
+
+    async def next_token(self) -> None:
+        """Wait for the next token's time (at once when unpaced)."""
+        if not self.interval_s:
+            return
+        self.tokens += 1
+        delay = self.start + self.tokens * self.interval_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class _Writer:
+    """A streamed answer's writes: each as it comes when tokens are paced, else all in one.
+
+    Unpaced, every frame is ready at once, and a server with frames ready together sends them
+    together (as our gateway and replica do, joining the writes of one loop turn): one write
+    per frame would measure aiohttp's per-write cost rather than the router in front."""
+
+    def __init__(self, response: web.StreamResponse, paced: bool) -> None:
+        self.response, self.paced = response, paced
+        self.ready: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        if self.paced:
+            await self.response.write(data)
+        else:
+            self.ready.append(data)
+
+    async def close(self) -> None:
+        if self.ready:
+            await self.response.write(b"".join(self.ready))
+        await self.response.write_eof()
 
 
 class MockReplica:
@@ -199,10 +243,8 @@ class MockReplica:
 
     # ---- generation ------------------------------------------------------------------
 
-    async def _pace(self) -> None:
-        """Between two tokens: a real engine's inter-token gap, when one is set."""
-        if self.token_interval_s:
-            await asyncio.sleep(self.token_interval_s)
+    def _cadence(self) -> _Cadence:
+        return _Cadence(self.token_interval_s)
 
     def _count(self, *limits: int | None) -> int:
         given = [m for m in limits if isinstance(m, int) and m > 0]
@@ -213,7 +255,9 @@ class MockReplica:
         count = self._count(body.max_tokens)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
+        out = _Writer(response, paced=bool(self.token_interval_s))
         for index in range(body.n):
+            cadence = self._cadence()
             for i in range(count):
                 frame = GenerateFrame(
                     index=index,
@@ -223,9 +267,9 @@ class MockReplica:
                     cached_tokens=0 if i == 0 else None,
                 )
                 if i:
-                    await self._pace()
-                await response.write(_json.encode(frame) + b"\n")
-        await response.write_eof()
+                    await cadence.next_token()
+                await out.write(_json.encode(frame) + b"\n")
+        await out.close()
         return response
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -242,7 +286,10 @@ class MockReplica:
         model = body.model or MODEL_NAME
         usage = {"prompt_tokens": 8, "completion_tokens": count, "total_tokens": 8 + count}
         kind = "chat.completion" if chat else "text_completion"
+        cadence = self._cadence()
         if not body.stream:
+            for _ in range(count - 1):
+                await cadence.next_token()  # an engine answers once its last token is out
             text = "".join(self.pieces[:count])
             choice: dict[str, object] = {"index": 0, "finish_reason": "length", "logprobs": None}
             if chat:
@@ -265,15 +312,16 @@ class MockReplica:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             return b"data: " + _json.encode({**head, "choices": [choice]}) + b"\n\n"
 
+        out = _Writer(response, paced=bool(self.token_interval_s))
         if chat:
-            await response.write(chunk(None, None, role=True))
+            await out.write(chunk(None, None, role=True))
         for i, piece in enumerate(self.pieces[:count]):
             if i:
-                await self._pace()
-            await response.write(chunk(piece, None))
-        await response.write(chunk(None, "length"))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+                await cadence.next_token()
+            await out.write(chunk(piece, None))
+        await out.write(chunk(None, "length"))
+        await out.write(b"data: [DONE]\n\n")
+        await out.close()
         return response
 
     async def sglang_generate(self, request: web.Request) -> web.StreamResponse:
@@ -282,17 +330,21 @@ class MockReplica:
         limit = params.get("max_new_tokens")
         count = self._count(limit if isinstance(limit, int) else None, body.max_new_tokens)
         meta = {"finish_reason": {"type": "length", "length": count}, "completion_tokens": count}
+        cadence = self._cadence()
         if not body.stream:
+            for _ in range(count - 1):
+                await cadence.next_token()
             return self._json(_json.encode({"text": "".join(self.pieces[:count]), "meta_info": meta}))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        out = _Writer(response, paced=bool(self.token_interval_s))
         for i in range(1, count + 1):
             if i > 1:
-                await self._pace()
+                await cadence.next_token()
             payload = {"text": "".join(self.pieces[:i]), "meta_info": meta if i == count else {}}
-            await response.write(b"data: " + _json.encode(payload) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            await out.write(b"data: " + _json.encode(payload) + b"\n\n")
+        await out.write(b"data: [DONE]\n\n")
+        await out.close()
         return response
 
 
