@@ -28,7 +28,8 @@ class ForwardBatch:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the flat batch whose logits are sampled
     sampled_chunks: tuple[int, ...]  # which chunks those rows belong to, in order
-    # [3, T]: input_ids, positions and metadata.slot_mapping are its rows (one copy moves all three)
+    # [3, T]: input_ids, positions and metadata.slot_mapping are its rows (one copy moves all
+    # three); its rows may be padded apart (a strided view), each starting 16-byte aligned
     token_rows: torch.Tensor
 
 
@@ -61,43 +62,57 @@ def build_forward_batch(
     width = max((len(c.block_ids) for c in chunks), default=0)
     # Everything in one buffer and one copy: a step used to queue seven small host-to-device
     # copies (~3 us of GPU time each at batch 1, between one step's sampling and the next
-    # step's forward). int64 values first, so the int32 ones start 8-byte aligned.
-    wide = 3 * num_tokens + len(logits_rows)
-    narrow = 2 * num_seqs + 1 + num_seqs * width
+    # step's forward). Every part starts 16-byte aligned: Triton compiles a kernel variant per
+    # 16-byte alignment of each pointer it is passed, so parts at offsets that moved with the
+    # batch's sizes compiled new variants of the attention kernels in the middle of serving
+    # (1-2 s a step; kernels/NOTES.md, v15).
+    tokens = _padded(num_tokens, 8)  # each row of token_rows, in int64s
+    sampled_rows = _padded(len(logits_rows), 8)
+    starts = _padded(num_seqs + 1, 4)  # int32s
+    lens = _padded(num_seqs, 4)
+    wide = 3 * tokens + sampled_rows
+    narrow = starts + lens + num_seqs * width
     host = torch.empty(8 * wide + 4 * narrow, dtype=torch.uint8, pin_memory=device.type == "cuda")
     values = host.numpy()
     longs = values[: 8 * wide].view(np.int64)
     longs[:num_tokens] = input_ids
-    longs[num_tokens : 2 * num_tokens] = positions
-    longs[2 * num_tokens : 3 * num_tokens] = slots
-    longs[3 * num_tokens :] = logits_rows
+    longs[tokens : tokens + num_tokens] = positions
+    longs[2 * tokens : 2 * tokens + num_tokens] = slots
+    longs[3 * tokens : 3 * tokens + len(logits_rows)] = logits_rows
     ints = values[8 * wide :].view(np.int32)
     ints[: num_seqs + 1] = query_start
-    ints[num_seqs + 1 : 2 * num_seqs + 1] = seq_lens
-    table = ints[2 * num_seqs + 1 :].reshape(num_seqs, width)
+    ints[starts : starts + num_seqs] = seq_lens
+    table = ints[starts + lens :].reshape(num_seqs, width)
     table.fill(0)
     for row, chunk in zip(table, chunks, strict=True):
         row[: len(chunk.block_ids)] = chunk.block_ids
     packed = to_device(host, device)
     device_longs = packed[: 8 * wide].view(torch.int64)
     device_ints = packed[8 * wide :].view(torch.int32)
+    token_rows = device_longs[: 3 * tokens].view(3, tokens)[:, :num_tokens]
     metadata = AttentionMetadata(
         query_start_loc=device_ints[: num_seqs + 1],
-        seq_lens=device_ints[num_seqs + 1 : 2 * num_seqs + 1],
-        block_tables=device_ints[2 * num_seqs + 1 :].view(num_seqs, width),
-        slot_mapping=device_longs[2 * num_tokens : 3 * num_tokens],
+        seq_lens=device_ints[starts : starts + num_seqs],
+        block_tables=device_ints[starts + lens :].view(num_seqs, width),
+        slot_mapping=token_rows[2],
         query_lens_host=tuple(len(c.token_ids) for c in chunks),
         seq_lens_host=tuple(seq_lens),
         block_size=block_size,
     )
     return ForwardBatch(
-        input_ids=device_longs[:num_tokens],
-        positions=device_longs[num_tokens : 2 * num_tokens],
+        input_ids=token_rows[0],
+        positions=token_rows[1],
         metadata=metadata,
-        logits_indices=device_longs[3 * num_tokens :],
+        logits_indices=device_longs[3 * tokens : 3 * tokens + len(logits_rows)],
         sampled_chunks=tuple(sampled),
-        token_rows=device_longs[: 3 * num_tokens].view(3, num_tokens),
+        token_rows=token_rows,
     )
+
+
+def _padded(count: int, bytes_each: int) -> int:
+    """`count` items rounded up to a whole number of 16 bytes."""
+    per_16 = 16 // bytes_each
+    return -(-count // per_16) * per_16
 
 
 def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:

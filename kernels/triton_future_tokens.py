@@ -9,7 +9,9 @@ import triton.language as tl
 BLOCK = 1024
 
 
-@triton.jit
+# n is not specialised: 1, a multiple of 16 and anything else would each compile a variant,
+# in the middle of serving (~65 ms each on an H200).
+@triton.jit(do_not_specialize=["n"])
 def _resolve_kernel(ids_ptr, future_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n

@@ -32,6 +32,32 @@ def test_batch_tensors_are_views_of_one_buffer_with_the_right_values() -> None:
         assert tensor.untyped_storage().data_ptr() == storage
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (3, 5), (7, 2), (5, 16)], ids=str)
+def test_every_part_starts_16_byte_aligned_whatever_the_sizes(shape: tuple[int, int]) -> None:
+    """Triton compiles a variant of a kernel per 16-byte alignment of each pointer argument:
+    parts whose offsets moved with the batch's token and sequence counts compiled new
+    attention kernels in the middle of serving (kernels/NOTES.md, v15)."""
+    num_seqs, tokens_each = shape
+    chunks = [
+        SequenceChunk(list(range(tokens_each)), start_pos=i, block_ids=list(range(i + 6)), sample=i % 2 == 0)
+        for i in range(num_seqs)
+    ]
+    batch = build_forward_batch(chunks, block_size=4, device=torch.device("cpu"))
+    meta = batch.metadata
+    base = batch.input_ids.untyped_storage().data_ptr()
+    parts = {
+        "input_ids": batch.input_ids, "positions": batch.positions, "slot_mapping": meta.slot_mapping,
+        "logits_indices": batch.logits_indices, "query_start_loc": meta.query_start_loc,
+        "seq_lens": meta.seq_lens, "block_tables": meta.block_tables,
+    }  # fmt: skip
+    for name, tensor in parts.items():
+        assert (tensor.data_ptr() - base) % 16 == 0, name
+    assert batch.input_ids.tolist() == list(range(tokens_each)) * num_seqs
+    assert meta.seq_lens.tolist() == [i + tokens_each for i in range(num_seqs)]
+    assert meta.block_tables[-1].tolist() == list(range(num_seqs + 5))
+    assert batch.logits_indices.tolist() == [(i + 1) * tokens_each - 1 for i in range(0, num_seqs, 2)]
+
+
 def test_a_chunk_without_enough_blocks_is_refused() -> None:
     with pytest.raises(ValueError, match="need more blocks"):
         build_forward_batch([SequenceChunk([1, 2], start_pos=3, block_ids=[0])], 4, torch.device("cpu"))
