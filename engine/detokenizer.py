@@ -63,6 +63,25 @@ class IncrementalDetokenizer:
             return self._release(len(self._text))
         return self._release(len(self._text) - self._hold)
 
+    def push_many(self, token_ids: Sequence[int]) -> tuple[str, int]:
+        """push() each token, stopping at the one that completes a stop string: the text now
+        safe to stream and how many of the tokens were taken (the rest come after the stop)."""
+        if self.stop_string is not None:
+            return "", 0
+        if not self._stop:  # one loop, no stop to look for (a frame of one token, or a burst)
+            step, tokenizer = self._stream.step, self._tokenizer
+            text = "".join([piece for token_id in token_ids if (piece := step(tokenizer, token_id))])
+            if text:
+                self._text += text
+                self._released = len(self._text)
+            return text, len(token_ids)
+        pieces = []
+        for used, token_id in enumerate(token_ids, 1):
+            pieces.append(self.push(token_id))
+            if self.stop_string is not None:
+                return "".join(pieces), used
+        return "".join(pieces), len(token_ids)
+
     def flush(self) -> str:
         """The held-back tail, once the request has finished."""
         return self._release(len(self._text))

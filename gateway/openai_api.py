@@ -10,8 +10,8 @@ when the gateway has no API keys).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -210,7 +210,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         body, pool, len(token_ids), max_tokens, param, logprobs, "messages", plan.grammar
     )
     generation = await _start(request, registry, pool, body, token_ids, generate)
-    shaper = _Shaper(generation, body.model or pool.name, f"chatcmpl-{uuid.uuid4().hex}")
+    shaper = _Shaper(generation, body.model or pool.name, f"chatcmpl-{os.urandom(16).hex()}")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         stream = _chat_stream(shaper, logprobs is not None, include_usage, plan)
@@ -292,7 +292,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
         body, pool, len(token_ids), body.max_tokens, "max_tokens", body.logprobs, "prompt"
     )
     generation = await _start(request, registry, pool, body, token_ids, generate)
-    shaper = _Shaper(generation, body.model or pool.name, f"cmpl-{uuid.uuid4().hex}")
+    shaper = _Shaper(generation, body.model or pool.name, f"cmpl-{os.urandom(16).hex()}")
     logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

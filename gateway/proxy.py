@@ -33,7 +33,7 @@ log = logging.getLogger("prefixgate.gateway")
 
 @dataclass(slots=True)
 class Sample:
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None = None  # made while the replica works on the request
     text: list[str] = field(default_factory=list)
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -45,6 +45,9 @@ class Delta(NamedTuple):  # a tuple: built once per frame, ~5x cheaper than a fr
     text: str
     logprobs: list[TokenLogprob]
     finish_reason: str | None
+
+
+_NO_DELTAS: tuple[Delta, ...] = ()
 
 
 class ProxiedGeneration:
@@ -65,7 +68,7 @@ class ProxiedGeneration:
         self.stop = list(stop)
         self.session_id = session_id
         self.span = span
-        self.samples = [Sample(pool.tokenizer.detokenizer(stop, token_ids)) for _ in range(request.n)]
+        self.samples = [Sample() for _ in range(request.n)]
         self.arrived = time.perf_counter()
         self.replica: Replica | None = None
         self.route: Route | None = None
@@ -78,6 +81,8 @@ class ProxiedGeneration:
         self._uncached = 0
         self._got_first = False
         self._accounted = False
+        self._noted = False  # this attempt's decision is in the metrics and the span
+        self._hand_out_deltas = True  # False: run() reads the answer whole
 
     # ---- accounting ------------------------------------------------------------------
 
@@ -87,9 +92,22 @@ class ProxiedGeneration:
         self._uncached = max(len(self.token_ids) - route.decision.predicted_cached_tokens, 0)
         self._got_first = False
         self._accounted = True
+        self._noted = False
         replica.in_flight += 1
         replica.prefill_queued += self._uncached
         self.pool.inflight.add(replica.url, route.block_hashes)
+
+    def _note(self) -> None:
+        """What the request needs only once the replica has it: the decision's metrics and
+        span attributes, the detokenizers. Run while the replica works (see `start`)."""
+        if self._noted:
+            return
+        self._noted = True
+        route, replica = self.route, self.replica
+        assert route is not None and replica is not None
+        for sample in self.samples:
+            if sample.detokenizer is None:
+                sample.detokenizer = self.pool.tokenizer.detokenizer(self.stop, self.token_ids)
         metrics = self.registry.metrics
         metrics.child(metrics.in_flight, replica.url).set(replica.in_flight)
         metrics.child(metrics.decisions, self.pool.policy.name, route.decision.reason).inc()
@@ -155,7 +173,12 @@ class ProxiedGeneration:
             try:
                 if replica.exact:
                     self._stream = await open_generate(
-                        registry.session, replica.url, self.request, config.connect_timeout_s, trace_headers
+                        registry.session,
+                        replica.url,
+                        self.request,
+                        config.connect_timeout_s,
+                        trace_headers,
+                        while_waiting=self._note,
                     )
                 else:
                     if self.request.logprobs is not None:
@@ -188,6 +211,8 @@ class ProxiedGeneration:
                 registry.record_success(replica)
                 self._first = first
                 return
+            finally:
+                self._note()  # done already when the request reached the replica
             self.close("overloaded" if busy else "retried")
             if busy:
                 overloaded += 1  # a full queue is load, not a fault: the circuit stays closed
@@ -261,7 +286,7 @@ class ProxiedGeneration:
         except UpstreamBroken:
             pass
 
-    def _apply(self, frame: GenerateFrame | TextFrame) -> list[Delta]:
+    def _apply(self, frame: GenerateFrame | TextFrame) -> Sequence[Delta]:
         if isinstance(frame, TextFrame):
             return self._apply_text(frame)
         self._first_token()
@@ -274,23 +299,21 @@ class ProxiedGeneration:
             metrics = self.registry.metrics
             metrics.child(metrics.delivered_cached, self.replica.url).inc(frame.cached_tokens)
         if sample.finish_reason is not None:
-            return []
-        pieces = []
-        used = 0
-        for token_id in frame.token_ids:
-            pieces.append(sample.detokenizer.push(token_id))
-            used += 1
-            if sample.detokenizer.stop_string is not None:
-                sample.finish_reason = "stop"
-                break
+            return _NO_DELTAS
+        detokenizer = sample.detokenizer
+        assert detokenizer is not None  # made by _note, before any frame came
+        text, used = detokenizer.push_many(frame.token_ids)
+        if detokenizer.stop_string is not None:
+            sample.finish_reason = "stop"
         sample.num_tokens += used
         logprobs = list(frame.logprobs[:used]) if frame.logprobs else []
         sample.logprobs.extend(logprobs)
         if sample.finish_reason is None and frame.finish_reason is not None:
-            pieces.append(sample.detokenizer.flush())
+            text += detokenizer.flush()
             sample.finish_reason = frame.finish_reason
-        text = "".join(pieces)
         sample.text.append(text)
+        if not self._hand_out_deltas:
+            return _NO_DELTAS
         out = []
         if text or logprobs:
             out.append(Delta(frame.index, text, logprobs, None))
@@ -298,7 +321,7 @@ class ProxiedGeneration:
             out.append(Delta(frame.index, "", [], sample.finish_reason))
         return out
 
-    def _apply_text(self, frame: TextFrame) -> list[Delta]:
+    def _apply_text(self, frame: TextFrame) -> Sequence[Delta]:
         """A foreign backend's frame: text (it applied the stop strings), or its usage."""
         if frame.index is None:
             if frame.prompt_tokens is not None:
@@ -310,24 +333,32 @@ class ProxiedGeneration:
                 assert self.replica is not None
                 metrics = self.registry.metrics
                 metrics.child(metrics.delivered_cached, self.replica.url).inc(frame.cached_tokens)
-            return []
+            return _NO_DELTAS
         if not 0 <= frame.index < len(self.samples):
             raise ApiError(502, f"the backend sent choice {frame.index} of {len(self.samples)}")
         self._first_token()
         sample = self.samples[frame.index]
         if sample.finish_reason is not None:
-            return []
-        out = []
+            return _NO_DELTAS
         if frame.text:
             sample.text.append(frame.text)
             sample.num_tokens += 1  # a stream chunk per token, as vLLM and SGLang send; usage corrects it
-            out.append(Delta(frame.index, frame.text, [], None))
         if frame.finish_reason is not None:
             sample.finish_reason = frame.finish_reason
+        if not self._hand_out_deltas:
+            return _NO_DELTAS
+        out = []
+        if frame.text:
+            out.append(Delta(frame.index, frame.text, [], None))
+        if frame.finish_reason is not None:
             out.append(Delta(frame.index, "", [], frame.finish_reason))
         return out
 
     async def run(self) -> None:
+        """Read the answer to its end (a non-streamed request): the samples hold the text.
+        No delta is made, so the loop in deltas() goes through every frame that has come
+        without handing one out (~5 us a frame less than consuming the deltas)."""
+        self._hand_out_deltas = False
         async for _ in self.deltas():
             pass
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -41,7 +42,9 @@ class ReplicaUnresponsive(ConnectionError):
 class _Connection(asyncio.Protocol):
     """One TCP connection; carries one request at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Kept: asyncio.get_running_loop() costs a getpid() system call every time.
+        self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
@@ -66,7 +69,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        self.last_byte_at = _now()
+        self.last_byte_at = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as err:
@@ -111,7 +114,7 @@ class _Connection(asyncio.Protocol):
         """Until more bytes, the end of the answer, or a failure."""
         if self.error is not None:
             raise self.error
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         await self._waiter
         self._waiter = None
         if self.error is not None:
@@ -145,7 +148,7 @@ class _Connection(asyncio.Protocol):
 
     def linger(self, pool: ReplicaConnections, key: _Address) -> None:
         """Wait briefly for the end of an answer nobody reads any more, to reuse the connection."""
-        timer = asyncio.get_running_loop().call_later(_LINGER_S, self.close)
+        timer = self._loop.call_later(_LINGER_S, self.close)
         self._linger = (pool, key, timer)
 
     def _lingered(self) -> None:
@@ -177,10 +180,6 @@ class _Connection(asyncio.Protocol):
             self._linger = None
         if self.transport is not None:
             self.transport.close()
-
-
-def _now() -> float:
-    return asyncio.get_running_loop().time()
 
 
 class ReplicaResponse:
@@ -260,7 +259,8 @@ class ReplicaResponse:
 class ReplicaConnections:
     """Idle keep-alive connections, per replica address, for one event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
         self._idle: dict[_Address, deque[_Connection]] = {}
         self._addresses: dict[str, tuple[_Address, str]] = {}
         # Connections carrying a request now, per replica: what `abort` and `sweep` look at.
@@ -289,17 +289,25 @@ class ReplicaConnections:
         return known
 
     async def _connect(self, key: _Address, timeout_s: float) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         transport, connection = await asyncio.wait_for(
-            loop.create_connection(_Connection, key[0], key[1]), timeout_s
+            loop.create_connection(lambda: _Connection(loop), key[0], key[1]), timeout_s
         )
         connection.transport = transport  # uvloop calls connection_made only after this returns
         return connection
 
     async def post(
-        self, url: str, body: bytes, headers: dict[str, str], connect_timeout_s: float
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        connect_timeout_s: float,
+        while_waiting: Callable[[], None] | None = None,
     ) -> ReplicaResponse:
-        """Send the request; returns once the answer's status and headers are in."""
+        """Send the request; returns once the answer's status and headers are in.
+
+        `while_waiting` runs once, right after the request is written: work the caller can do
+        while the replica works, instead of before sending (or not at all when sending fails)."""
         key, path = self._address(url)
         head = [f"POST {path} HTTP/1.1\r\nHost: {key[2]}\r\nContent-Length: {len(body)}\r\n"]
         head += [f"{name}: {value}\r\n" for name, value in headers.items()]
@@ -318,9 +326,12 @@ class ReplicaConnections:
             if busy is None:
                 busy = self._busy[key] = set()
             busy.add(connection)
-            connection.last_byte_at = _now()
+            connection.last_byte_at = self._loop.time()
             connection.transport.write(request)
             try:
+                if while_waiting is not None:
+                    while_waiting()
+                    while_waiting = None
                 while not connection.headers_done:
                     await connection.wait()
             except ReplicaUnresponsive:
@@ -356,7 +367,7 @@ class ReplicaConnections:
 
     def sweep(self, idle_deadline_s: float) -> int:
         """Fail requests that have had no byte from their replica for `idle_deadline_s`."""
-        cutoff = _now() - idle_deadline_s
+        cutoff = self._loop.time() - idle_deadline_s
         failed = 0
         for busy in self._busy.values():
             stale = [c for c in busy if c.last_byte_at < cutoff]
@@ -381,7 +392,7 @@ def connections() -> ReplicaConnections:
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
     if pool is None:
-        pool = _pools[loop] = ReplicaConnections()
+        pool = _pools[loop] = ReplicaConnections(loop)
     return pool
 
 

@@ -8,6 +8,7 @@ request; an ApiError is the request's own fault (a 4xx), which every replica wou
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import aiohttp
 import msgspec
@@ -135,14 +136,20 @@ async def open_generate(
     request: GenerateRequest,
     connect_timeout_s: float,
     trace_headers: dict[str, str] | None = None,
+    while_waiting: Callable[[], None] | None = None,
 ) -> GenerateStream:
+    """Send the request; `while_waiting` runs once it is on its way (ReplicaConnections.post)."""
     headers = {**_GENERATE_HEADERS, **trace_headers} if trace_headers else _GENERATE_HEADERS
     body = _encoder.encode(request)
     response: aiohttp.ClientResponse | ReplicaResponse
     try:
         if url.startswith("http://"):  # the hot path: gateway/replica_http.py says why
-            response = await connections().post(url + "/internal/generate", body, headers, connect_timeout_s)
+            response = await connections().post(
+                url + "/internal/generate", body, headers, connect_timeout_s, while_waiting
+            )
         else:
+            if while_waiting is not None:
+                while_waiting()
             timeout = connect_timeout(connect_timeout_s)
             response = await session.post(
                 url + "/internal/generate", data=body, headers=headers, timeout=timeout

@@ -293,3 +293,37 @@ def test_the_detokenizer_without_stop_strings_streams_what_the_held_back_path_do
     if "\ufffd" not in whole:  # a stream holds back bytes that form no character; decode() does not
         assert fast.text == whole
     assert fast.stop_string is None
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(min_size=1, max_size=60),
+    cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=6),
+    stop=st.sampled_from([(), ("e",), ("the", "\n"), ("\x00never there\x00",)]),
+)
+def test_pushing_tokens_in_bursts_gives_what_pushing_them_one_by_one_does(
+    tokenizer: GatewayTokenizer, text: str, cuts: list[int], stop: tuple[str, ...]
+) -> None:
+    """push_many (a frame's or a burst's tokens at once) streams the same text, stops at the
+    same token and counts the same tokens as push() one at a time."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    one = IncrementalDetokenizer(tokenizer.tokenizer, stop)
+    one_text, one_used = "", 0
+    for token_id in ids:
+        if one.stop_string is not None:
+            break
+        one_text += one.push(token_id)
+        one_used += 1
+    bursts = IncrementalDetokenizer(tokenizer.tokenizer, stop)
+    bounds = sorted({0, len(ids), *(c for c in cuts if c < len(ids))})
+    burst_text, burst_used = "", 0
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        text_part, used = bursts.push_many(ids[start:end])
+        burst_text += text_part
+        burst_used += used
+        if bursts.stop_string is not None:
+            break
+    assert (burst_text, burst_used, bursts.stop_string) == (one_text, one_used, one.stop_string)
+    assert burst_text + bursts.flush() == one_text + one.flush()
+    if bursts.stop_string is not None:
+        assert bursts.push_many(ids) == ("", 0)  # nothing more once stopped
