@@ -5,6 +5,7 @@ routes against Litestar's own answers, cached metric children, the detokenizer's
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -317,7 +318,7 @@ def test_pushing_tokens_in_bursts_gives_what_pushing_them_one_by_one_does(
     bursts = IncrementalDetokenizer(tokenizer.tokenizer, stop)
     bounds = sorted({0, len(ids), *(c for c in cuts if c < len(ids))})
     burst_text, burst_used = "", 0
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         text_part, used = bursts.push_many(ids[start:end])
         burst_text += text_part
         burst_used += used
