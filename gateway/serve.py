@@ -39,7 +39,8 @@ class _CoalescingTransport:
     uvicorn writes a response's status line and headers, then each body part, as separate
     sends: two packets (and two wake-ups of the client) for every JSON answer, and one per SSE
     chunk even when several chunks are ready at once. Held writes go out at the end of the
-    current loop turn, so nothing waits for more data: only what is ready together is joined.
+    current loop turn, so nothing waits for more data: only what is ready together is joined;
+    a response's last write goes out at once (_HttpProtocol.on_response_complete).
     """
 
     def __init__(self, transport: asyncio.Transport) -> None:
@@ -49,10 +50,10 @@ class _CoalescingTransport:
 
     def write(self, data: bytes) -> None:
         if not self._held:
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         self._held.append(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self._held:
             data = b"".join(self._held)
             self._held.clear()
@@ -60,7 +61,7 @@ class _CoalescingTransport:
                 self._transport.write(data)
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
@@ -70,6 +71,12 @@ class _CoalescingTransport:
 class _HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
+
+    def on_response_complete(self) -> None:
+        # The answer is whole: out now, not after the handler's task has unwound (the end of
+        # this loop turn), which put ~10 us of clean-up in front of every JSON answer.
+        self.transport.flush()  # type: ignore[attr-defined]
+        super().on_response_complete()
 
 
 def run_gateway(config: GatewayConfig, banner: str | None = None) -> None:
