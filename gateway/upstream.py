@@ -19,6 +19,7 @@ from gateway.replica_http import ReplicaResponse, connections
 
 _encoder = msgspec.json.Encoder()
 _frame = msgspec.json.Decoder(GenerateFrame)
+_frames = msgspec.json.Decoder(list[GenerateFrame])
 _error_frame = msgspec.json.Decoder(ErrorFrame)
 _error_body = msgspec.json.Decoder(ErrorFrame)
 _RETRYABLE_TYPES = {"server_error", "service_unavailable", "rate_limit_exceeded"}
@@ -67,22 +68,27 @@ class GenerateStream:
                 if not self._lines:
                     return []
             lines, self._lines = self._lines, []
+            try:  # the common case, every line a frame: one decode for all of them
+                frames = _frames.decode(b"[" + b",".join(lines) + b"]")
+                continue
+            except msgspec.DecodeError:
+                pass  # an error line, a blank or a broken one among them: line by line
             for i, line in enumerate(lines):
                 if not line.strip():
                     continue
                 if line.startswith(b'{"error"'):
                     if frames:  # hand out the frames before it first, as they came
                         self._lines = lines[i:]
-                        return frames
+                        return coalesce(frames)
                     raise _error(_error_frame.decode(line).error)
                 try:
                     frames.append(_frame.decode(line))
                 except msgspec.DecodeError as err:
                     if frames:
                         self._lines = lines[i:]
-                        return frames
+                        return coalesce(frames)
                     raise UpstreamBroken(f"bad frame from the replica: {err}") from None
-        return frames
+        return coalesce(frames)
 
     async def _read_lines(self) -> list[bytes]:
         try:
@@ -97,6 +103,38 @@ class GenerateStream:
         """Closing the connection aborts the request on the replica."""
         self.finished = True
         self._response.close()
+
+
+def coalesce(frames: list[GenerateFrame]) -> list[GenerateFrame]:
+    """The frames of each sample that arrived together, as one frame (its tokens, logprobs and
+    last finish in order; samples in the order they first appear).
+
+    A replica sends a frame per sample per step; when several are read at once (a replica
+    ahead of the gateway, or an answer that came whole) the client can have their text at once
+    too, and one frame costs the detokenizer, the OpenAI shapes and the SSE encoding once
+    instead of per token: on a 16-token answer that came whole, ~70 us of the gateway's CPU
+    streamed, ~20 us not (bench/mock_replica.py, this project's 2-core machine).
+    A sample's first frame (prompt and cached token counts) starts a frame of its own."""
+    if len(frames) < 2:
+        return frames
+    out: list[GenerateFrame] = []
+    open_frames: dict[int, GenerateFrame] = {}
+    for frame in frames:
+        into = open_frames.get(frame.index)
+        if (
+            into is None
+            or into.finish_reason is not None
+            or frame.prompt_tokens is not None
+            or frame.cached_tokens is not None
+        ):
+            open_frames[frame.index] = frame
+            out.append(frame)
+            continue
+        into.token_ids += frame.token_ids
+        if frame.logprobs:
+            into.logprobs = [*(into.logprobs or ()), *frame.logprobs]
+        into.finish_reason, into.stop_reason = frame.finish_reason, frame.stop_reason
+    return out
 
 
 def _error(body: ErrorBody) -> ApiError:

@@ -11,18 +11,20 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.server.protocol import GenerateFrame
 from gateway.app import GatewayApp
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.replica_http import ReplicaConnections
 from gateway.text import GatewayTokenizer
-from gateway.upstream import GenerateStream
+from gateway.upstream import GenerateStream, coalesce
 
 _Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
@@ -159,12 +161,12 @@ def test_an_idle_connection_the_replica_closed_is_replaced() -> None:
     asyncio.run(main())
 
 
-def test_a_burst_of_frames_comes_as_one_batch_and_an_error_after_them() -> None:
+def test_a_burst_of_frames_comes_as_one_frame_per_sample_and_an_error_after_them() -> None:
     error = {"error": {"message": "the replica is draining", "type": "service_unavailable"}}
 
     async def burst(writer: asyncio.StreamWriter) -> None:
-        frames = _frame(0, 7) + _frame(0, 8) + b"\n" + _frame(0, 9) + json.dumps(error).encode() + b"\n"
-        writer.write(_ndjson_head() + _chunk(frames) + b"0\r\n\r\n")
+        frames = _frame(0, 7) + _frame(1, 70) + _frame(0, 8) + b"\n" + _frame(0, 9) + _frame(1, 71, "stop")
+        writer.write(_ndjson_head() + _chunk(frames + json.dumps(error).encode() + b"\n") + b"0\r\n\r\n")
         await writer.drain()
 
     async def main() -> None:
@@ -172,8 +174,9 @@ def test_a_burst_of_frames_comes_as_one_batch_and_an_error_after_them() -> None:
             pool = ReplicaConnections()
             stream = GenerateStream(await pool.post(replica.url, b"{}", {}, 5.0))
             first = await stream.next()
-            assert first is not None and first.token_ids == [7]
-            assert [f.token_ids for f in await stream.next_frames()] == [[8], [9]]
+            assert first is not None and (first.index, first.token_ids) == (0, [7, 8, 9])
+            (second,) = await stream.next_frames()
+            assert (second.index, second.token_ids, second.finish_reason) == (1, [70, 71], "stop")
             with pytest.raises(ApiError) as raised:
                 await stream.next_frames()
             assert raised.value.status == 503
@@ -181,6 +184,33 @@ def test_a_burst_of_frames_comes_as_one_batch_and_an_error_after_them() -> None:
             pool.close()
 
     asyncio.run(main())
+
+
+def _parsed(*frames: dict[str, Any]) -> list[GenerateFrame]:
+    return [msgspec.convert(f, GenerateFrame) for f in frames]
+
+
+def test_coalesced_frames_keep_each_samples_tokens_logprobs_and_end() -> None:
+    lp = [[5, -0.5, [[5, -0.5]]], [6, -0.25, [[6, -0.25]]], [7, -1.0, []]]
+    frames = _parsed(
+        {"index": 0, "token_ids": [5], "logprobs": [lp[0]], "prompt_tokens": 9, "cached_tokens": 0},
+        {"index": 1, "token_ids": [6], "logprobs": [lp[1]], "prompt_tokens": 9, "cached_tokens": 0},
+        {"index": 0, "token_ids": [6, 7], "logprobs": lp[1:]},
+        {"index": 0, "token_ids": [8], "logprobs": [lp[0]], "finish_reason": "stop", "stop_reason": 8},
+        {"index": 0, "token_ids": [9]},  # after its end (never sent): not merged into a finished one
+    )
+    out = coalesce(frames)
+    assert [(f.index, f.token_ids, f.finish_reason, f.stop_reason) for f in out] == [
+        (0, [5, 6, 7, 8], "stop", 8),
+        (1, [6], None, None),
+        (0, [9], None, None),
+    ]
+    assert out[0].logprobs is not None and [e.token_id for e in out[0].logprobs] == [5, 6, 7, 5]
+    assert (out[0].prompt_tokens, out[0].cached_tokens) == (9, 0)
+    # A sample's first frame (its counts) starts a frame of its own, even mid-burst.
+    first_frame = {"index": 0, "token_ids": [2], "prompt_tokens": 3}
+    again = coalesce(_parsed({"index": 0, "token_ids": [1]}, first_frame))
+    assert [f.token_ids for f in again] == [[1], [2]]
 
 
 async def _asgi(app: Any, method: str, path: str, body: bytes, length: bool = True) -> list[dict[str, Any]]:
