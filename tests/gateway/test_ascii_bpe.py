@@ -1,0 +1,176 @@
+"""gateway/ascii_bpe.py gives exactly the ids `tokenizers` gives, or steps aside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from gateway import ascii_bpe
+from gateway.ascii_bpe import AsciiBpeEncoder, UnsupportedPattern, ascii_pattern
+from gateway.text import GatewayTokenizer
+
+# The pre-tokenizer regexes of Llama-3 and Qwen2 tokenizer.json files (a Split before a
+# ByteLevel that only maps bytes).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_FRAGMENTS = ["'s", "'T", "'ll", "  ", "\n\n", "\r\n", " \t", "12345", "Hello", " world", "_x", "{}", "--"]
+ascii_text = st.lists(
+    st.one_of(st.characters(max_codepoint=127), st.sampled_from(_FRAGMENTS)), max_size=40
+).map("".join)
+
+
+def _split_tokenizer(pattern: str, **bpe: object) -> Tokenizer:
+    """A small byte-level BPE trained here, with Llama-3's (or Qwen2's) pre-tokenizer shape."""
+    tokenizer = Tokenizer(models.BPE(**bpe))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [
+        f"Hello world, it's {n} o'clock. DON'T panic:\n\n  def f(x): return x*{n}  # done\r\n"
+        for n in range(200)
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def llama3_like() -> Tokenizer:
+    return _split_tokenizer(LLAMA3_PATTERN, ignore_merges=True)
+
+
+@pytest.fixture(scope="module")
+def qwen2_like() -> Tokenizer:
+    return _split_tokenizer(QWEN2_PATTERN)
+
+
+_ENCODERS: dict[int, AsciiBpeEncoder] = {}
+
+
+def _encoder(tokenizer: Tokenizer) -> AsciiBpeEncoder:
+    """The tokenizer's encoder, built (and self-checked, ~0.1 s) once per tokenizer."""
+    if id(tokenizer) not in _ENCODERS:
+        encoder = AsciiBpeEncoder.for_tokenizer(tokenizer)
+        assert encoder is not None
+        _ENCODERS[id(tokenizer)] = encoder
+    return _ENCODERS[id(tokenizer)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=ascii_text)
+def test_the_gpt2_pattern_encodes_ascii_as_tokenizers_does(smollm2: Tokenizer, text: str) -> None:
+    assert _encoder(smollm2).encode(text) == smollm2.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=ascii_text)
+def test_llama3_and_qwen2_split_patterns_encode_ascii_as_tokenizers_does(
+    llama3_like: Tokenizer, qwen2_like: Tokenizer, text: str
+) -> None:
+    for tokenizer in (llama3_like, qwen2_like):
+        assert _encoder(tokenizer).encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_text_with_any_non_ascii_character_is_left_to_tokenizers(smollm2: Tokenizer) -> None:
+    encoder = _encoder(smollm2)
+    assert encoder.encode("caf\u00e9") is None
+    assert encoder.encode("plain ascii") == smollm2.encode("plain ascii", add_special_tokens=False).ids
+    assert encoder.encode("") == []
+
+
+def test_a_long_document_seen_twice_gives_the_same_ids_from_the_word_cache(smollm2: Tokenizer) -> None:
+    encoder = AsciiBpeEncoder.for_tokenizer(smollm2)
+    assert encoder is not None
+    document = Path(ascii_bpe.__file__).read_text()
+    expected = smollm2.encode(document, add_special_tokens=False).ids
+    assert encoder.encode(document) == expected
+    assert encoder.encode(document) == expected  # now every piece comes from the cache
+    encoder.forget_words()
+    assert encoder.encode(document) == expected
+
+
+def test_the_word_cache_stays_within_its_bound_on_endless_new_words(
+    smollm2: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = _encoder(smollm2)
+    encoder.forget_words()
+    monkeypatch.setattr(ascii_bpe, "WORD_CACHE_ENTRIES", 64)
+    for number in range(1_000):
+        text = f"ticket {number} word{number}x"
+        assert encoder.encode(text) == smollm2.encode(text, add_special_tokens=False).ids
+        assert len(encoder._words) <= 64
+    encoder.forget_words()
+
+
+@pytest.mark.parametrize("pattern", [r"\w+", r"\p{M}+|\s+", r"[^\S\p{L}]+", r"[a[b]]", r"\d+"])
+def test_constructs_without_a_spelled_out_ascii_meaning_are_refused(pattern: str) -> None:
+    with pytest.raises(UnsupportedPattern):
+        ascii_pattern(pattern)
+
+
+def test_tokenizers_of_other_shapes_are_not_taken(smollm2: Tokenizer) -> None:
+    with_normalizer = Tokenizer.from_str(smollm2.to_str())
+    with_normalizer.normalizer = normalizers.NFC()
+    assert AsciiBpeEncoder.for_tokenizer(with_normalizer) is None
+    prefix_space = Tokenizer.from_str(smollm2.to_str())
+    prefix_space.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert AsciiBpeEncoder.for_tokenizer(prefix_space) is None
+    assert AsciiBpeEncoder.for_tokenizer(_split_tokenizer(r"\w+|\s+")) is None
+    config = json.loads(smollm2.to_str())
+    config["model"]["dropout"] = 0.1
+    assert AsciiBpeEncoder.for_tokenizer(Tokenizer.from_str(json.dumps(config))) is None
+
+
+def test_the_self_check_refuses_an_encoder_that_would_differ(
+    smollm2: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewrite that forgot one ASCII space character (vertical tab) is caught at start."""
+    monkeypatch.setitem(ascii_bpe._OUTSIDE, r"\s", "[\\t\\n\\x0c\\r ]")
+    monkeypatch.setitem(ascii_bpe._OUTSIDE, r"\S", "[^\\t\\n\\x0c\\r ]")
+    monkeypatch.setitem(ascii_bpe._IN_CLASS, r"\s", "\\t\\n\\x0c\\r ")
+    assert AsciiBpeEncoder.for_tokenizer(smollm2) is None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.lists(
+        st.one_of(st.text(max_size=8), ascii_text, st.sampled_from(["<|im_start|>", "<|im_end|>", "\u00e9"])),
+        max_size=6,
+    ).map("".join)
+)
+def test_the_gateway_tokenizer_encodes_any_text_as_tokenizers_does(smollm2_dir: Path, text: str) -> None:
+    gateway_tokenizer = _gateway_tokenizer(smollm2_dir)
+    assert gateway_tokenizer._ascii is not None  # the fast path is on for the embedded model
+    expected = gateway_tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+    assert gateway_tokenizer.encode(text, add_special_tokens=False) == expected
+
+
+_GATEWAY_TOKENIZERS: dict[Path, GatewayTokenizer] = {}
+
+
+def _gateway_tokenizer(folder: Path) -> GatewayTokenizer:
+    if folder not in _GATEWAY_TOKENIZERS:
+        _GATEWAY_TOKENIZERS[folder] = GatewayTokenizer(folder)
+    return _GATEWAY_TOKENIZERS[folder]
