@@ -6,7 +6,7 @@ jinja2, the way transformers does (sandboxed, trim_blocks / lstrip_blocks, the s
 tokens as variables, then encoding without adding special tokens again).
 
 Encoding is the costliest step a request pays here (~2 us per token on a small CPU with
-`tokenizers`, ~0.4 with gateway/ascii_bpe.py, which takes ASCII pieces where it can). A
+`tokenizers`, ~0.4 with gateway/fast_bpe.py, which takes the pieces it can). A
 rendered chat splits at its special tokens (<|im_start|> ...) into pieces that `tokenizers`
 encodes one by one anyway, so each piece's ids are cached: a system prompt, tool list or
 conversation history sent again costs a dict look-up, and the ids are exactly the same.
@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.server.openai_types import PromptError
-from gateway.ascii_bpe import AsciiBpeEncoder
+from gateway.fast_bpe import FastBpeEncoder
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CACHE_BYTES = 2 << 20  # what the piece cache may hold: ~1 MiB of text and its ids
@@ -69,7 +69,7 @@ class GatewayTokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json (the gateway needs the model's tokenizer)")
         self.folder = folder
         self.tokenizer = Tokenizer.from_file(str(path))
-        self._ascii = AsciiBpeEncoder.for_tokenizer(self.tokenizer)
+        self._fast = FastBpeEncoder.for_tokenizer(self.tokenizer)
         self._added: dict[str, int] = {}
         self._pieces = self._piece_splitter()
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
@@ -110,7 +110,7 @@ class GatewayTokenizer:
         if cached is not None:
             self._cache.move_to_end(piece)
             return cached
-        fast = self._ascii.encode(piece) if self._ascii is not None else None
+        fast = self._fast.encode(piece) if self._fast is not None else None
         if fast is None:
             fast = self.tokenizer.encode(piece, add_special_tokens=False).ids
         ids = array("I", fast)

@@ -39,10 +39,10 @@ def test_the_piece_cache_memory_is_bounded_for_many_short_pieces(smollm2_dir: Pa
         return tokenizer.apply_chat_template([system, {"role": "user", "content": f"ticket {i}: my order"}])
 
     def memory() -> int:
-        # The ASCII encoder's word cache has its own bound (test_ascii_bpe.py); emptied here
+        # The ASCII encoder's word cache has its own bound (test_fast_bpe.py); emptied here
         # so that where it stands in its fill-and-empty cycle does not blur this cache's.
-        assert tokenizer._ascii is not None
-        tokenizer._ascii.forget_words()
+        assert tokenizer._fast is not None
+        tokenizer._fast.forget_words()
         gc.collect()
         return tracemalloc.get_traced_memory()[0]
 

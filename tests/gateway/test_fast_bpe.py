@@ -1,4 +1,4 @@
-"""gateway/ascii_bpe.py gives exactly the ids `tokenizers` gives, or steps aside."""
+"""gateway/fast_bpe.py gives exactly the ids `tokenizers` gives, or steps aside."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from gateway import ascii_bpe
-from gateway.ascii_bpe import AsciiBpeEncoder, UnsupportedPattern, ascii_pattern
+from gateway import fast_bpe
+from gateway.fast_bpe import FastBpeEncoder, UnsupportedPattern, ascii_pattern
 from gateway.text import GatewayTokenizer
 
 # The pre-tokenizer regexes of Llama-3 and Qwen2 tokenizer.json files (a Split before a
@@ -27,6 +27,19 @@ QWEN2_PATTERN = (
 _FRAGMENTS = ["'s", "'T", "'ll", "  ", "\n\n", "\r\n", " \t", "12345", "Hello", " world", "_x", "{}", "--"]
 ascii_text = st.lists(
     st.one_of(st.characters(max_codepoint=127), st.sampled_from(_FRAGMENTS)), max_size=40
+).map("".join)
+# Text the Unicode path takes: ASCII with Latin, Greek, Cyrillic, Arabic..., typographic
+# quotes and dashes, currency signs.
+_COVERED = st.one_of(
+    st.characters(min_codepoint=0x80, max_codepoint=0x7FF),
+    st.characters(min_codepoint=0x2000, max_codepoint=0x206F),
+    st.characters(min_codepoint=0x20A0, max_codepoint=0x20BF),
+)
+covered_text = st.lists(
+    st.one_of(
+        st.characters(max_codepoint=127), _COVERED, st.sampled_from([*_FRAGMENTS, "caf\u00e9", "\u2019s"])
+    ),
+    max_size=40,
 ).map("".join)
 
 
@@ -66,44 +79,53 @@ def qwen2_like() -> Tokenizer:
     return _split_tokenizer(QWEN2_PATTERN)
 
 
-_ENCODERS: dict[int, AsciiBpeEncoder] = {}
+_ENCODERS: dict[int, FastBpeEncoder] = {}
 
 
-def _encoder(tokenizer: Tokenizer) -> AsciiBpeEncoder:
+def _encoder(tokenizer: Tokenizer) -> FastBpeEncoder:
     """The tokenizer's encoder, built (and self-checked, ~0.1 s) once per tokenizer."""
     if id(tokenizer) not in _ENCODERS:
-        encoder = AsciiBpeEncoder.for_tokenizer(tokenizer)
+        encoder = FastBpeEncoder.for_tokenizer(tokenizer)
         assert encoder is not None
         _ENCODERS[id(tokenizer)] = encoder
     return _ENCODERS[id(tokenizer)]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=ascii_text)
-def test_the_gpt2_pattern_encodes_ascii_as_tokenizers_does(smollm2: Tokenizer, text: str) -> None:
+@given(text=st.one_of(ascii_text, covered_text))
+def test_the_gpt2_pattern_encodes_as_tokenizers_does(smollm2: Tokenizer, text: str) -> None:
     assert _encoder(smollm2).encode(text) == smollm2.encode(text, add_special_tokens=False).ids
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=ascii_text)
-def test_llama3_and_qwen2_split_patterns_encode_ascii_as_tokenizers_does(
+@given(text=st.one_of(ascii_text, covered_text))
+def test_llama3_and_qwen2_split_patterns_encode_as_tokenizers_does(
     llama3_like: Tokenizer, qwen2_like: Tokenizer, text: str
 ) -> None:
     for tokenizer in (llama3_like, qwen2_like):
         assert _encoder(tokenizer).encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def test_text_with_any_non_ascii_character_is_left_to_tokenizers(smollm2: Tokenizer) -> None:
+def test_both_paths_pass_the_start_up_check_and_other_scripts_are_left_to_tokenizers(
+    smollm2: Tokenizer,
+) -> None:
     encoder = _encoder(smollm2)
-    assert encoder.encode("caf\u00e9") is None
-    assert encoder.encode("plain ascii") == smollm2.encode("plain ascii", add_special_tokens=False).ids
+    assert encoder._ascii_split is not None and encoder._unicode_split is not None
+    for text in (
+        "plain ascii",
+        "caf\u00e9 \u201cquoted\u201d \u2014 \u20ac5",
+        "\u041f\u0440\u0438\u0432\u0435\u0442",
+    ):
+        assert encoder.encode(text) == smollm2.encode(text, add_special_tokens=False).ids
+    assert encoder.encode("\u4f60\u597d") is None  # CJK
+    assert encoder.encode("ok \U0001f600") is None  # an emoji
     assert encoder.encode("") == []
 
 
 def test_a_long_document_seen_twice_gives_the_same_ids_from_the_word_cache(smollm2: Tokenizer) -> None:
-    encoder = AsciiBpeEncoder.for_tokenizer(smollm2)
+    encoder = FastBpeEncoder.for_tokenizer(smollm2)
     assert encoder is not None
-    document = Path(ascii_bpe.__file__).read_text()
+    document = Path(fast_bpe.__file__).read_text()
     expected = smollm2.encode(document, add_special_tokens=False).ids
     assert encoder.encode(document) == expected
     assert encoder.encode(document) == expected  # now every piece comes from the cache
@@ -116,7 +138,7 @@ def test_the_word_cache_stays_within_its_bound_on_endless_new_words(
 ) -> None:
     encoder = _encoder(smollm2)
     encoder.forget_words()
-    monkeypatch.setattr(ascii_bpe, "WORD_CACHE_ENTRIES", 64)
+    monkeypatch.setattr(fast_bpe, "WORD_CACHE_ENTRIES", 64)
     for number in range(1_000):
         text = f"ticket {number} word{number}x"
         assert encoder.encode(text) == smollm2.encode(text, add_special_tokens=False).ids
@@ -133,36 +155,69 @@ def test_constructs_without_a_spelled_out_ascii_meaning_are_refused(pattern: str
 def test_tokenizers_of_other_shapes_are_not_taken(smollm2: Tokenizer) -> None:
     with_normalizer = Tokenizer.from_str(smollm2.to_str())
     with_normalizer.normalizer = normalizers.NFC()
-    assert AsciiBpeEncoder.for_tokenizer(with_normalizer) is None
+    assert FastBpeEncoder.for_tokenizer(with_normalizer) is None
     prefix_space = Tokenizer.from_str(smollm2.to_str())
     prefix_space.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    assert AsciiBpeEncoder.for_tokenizer(prefix_space) is None
-    assert AsciiBpeEncoder.for_tokenizer(_split_tokenizer(r"\w+|\s+")) is None
+    assert FastBpeEncoder.for_tokenizer(prefix_space) is None
+    assert FastBpeEncoder.for_tokenizer(_split_tokenizer(r"\w+|\s+")) is None
     config = json.loads(smollm2.to_str())
     config["model"]["dropout"] = 0.1
-    assert AsciiBpeEncoder.for_tokenizer(Tokenizer.from_str(json.dumps(config))) is None
+    assert FastBpeEncoder.for_tokenizer(Tokenizer.from_str(json.dumps(config))) is None
 
 
-def test_the_self_check_refuses_an_encoder_that_would_differ(
+def test_the_start_up_check_switches_off_what_would_differ(
     smollm2: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A rewrite that forgot one ASCII space character (vertical tab) is caught at start."""
-    monkeypatch.setitem(ascii_bpe._OUTSIDE, r"\s", "[\\t\\n\\x0c\\r ]")
-    monkeypatch.setitem(ascii_bpe._OUTSIDE, r"\S", "[^\\t\\n\\x0c\\r ]")
-    monkeypatch.setitem(ascii_bpe._IN_CLASS, r"\s", "\\t\\n\\x0c\\r ")
-    assert AsciiBpeEncoder.for_tokenizer(smollm2) is None
+    """Deliberate slips in the rewritten classes: each is caught at start, and only what it
+    broke is given up (a character, a path, the encoder)."""
+    # No-break space left out of the Unicode \s: that one character is left to tokenizers.
+    nbsp_forgotten = fast_bpe._UNICODE_SPACE.replace("\\xa0", "")
+    assert nbsp_forgotten != fast_bpe._UNICODE_SPACE
+    in_class, outside = fast_bpe._UNICODE_CLASSES
+    monkeypatch.setattr(
+        fast_bpe,
+        "_UNICODE_CLASSES",
+        (
+            {**in_class, r"\s": nbsp_forgotten},
+            {**outside, r"\s": f"[{nbsp_forgotten}]", r"\S": f"[^{nbsp_forgotten}]"},
+        ),
+    )
+    encoder = FastBpeEncoder.for_tokenizer(smollm2)
+    assert encoder is not None and encoder._unicode_split is not None
+    assert encoder.encode("a\xa0b") is None
+    assert encoder.encode("caf\u00e9") == smollm2.encode("caf\u00e9", add_special_tokens=False).ids
+    # Vertical tab left out of the ASCII \s: the ASCII path is off, ASCII text goes to tokenizers.
+    space = "\\t\\n\\x0c\\r "
+    vt_forgotten = (
+        {r"\p{L}": "A-Za-z", r"\p{N}": "0-9", r"\s": space},
+        {r"\p{L}": "[A-Za-z]", r"\p{N}": "[0-9]", r"\s": f"[{space}]", r"\S": f"[^{space}]"},
+    )
+    monkeypatch.setattr(fast_bpe, "_ASCII_CLASSES", vt_forgotten)
+    encoder = FastBpeEncoder.for_tokenizer(smollm2)
+    assert encoder is not None and encoder._ascii_split is None and encoder._unicode_split is not None
+    assert encoder.encode("a\x0b!") is None
+    # The same slip on the Unicode side too: both paths off, no encoder.
+    in_class, outside = fast_bpe._UNICODE_CLASSES
+    monkeypatch.setattr(
+        fast_bpe,
+        "_UNICODE_CLASSES",
+        ({**in_class, r"\s": space}, {**outside, r"\s": f"[{space}]", r"\S": f"[^{space}]"}),
+    )
+    assert FastBpeEncoder.for_tokenizer(smollm2) is None
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     text=st.lists(
-        st.one_of(st.text(max_size=8), ascii_text, st.sampled_from(["<|im_start|>", "<|im_end|>", "\u00e9"])),
+        st.one_of(
+            st.text(max_size=8), ascii_text, covered_text, st.sampled_from(["<|im_start|>", "<|im_end|>"])
+        ),
         max_size=6,
     ).map("".join)
 )
 def test_the_gateway_tokenizer_encodes_any_text_as_tokenizers_does(smollm2_dir: Path, text: str) -> None:
     gateway_tokenizer = _gateway_tokenizer(smollm2_dir)
-    assert gateway_tokenizer._ascii is not None  # the fast path is on for the embedded model
+    assert gateway_tokenizer._fast is not None  # the fast path is on for the embedded model
     expected = gateway_tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
     assert gateway_tokenizer.encode(text, add_special_tokens=False) == expected
 
