@@ -72,6 +72,7 @@ class GatewayTokenizer:
         self._fast = FastBpeEncoder.for_tokenizer(self.tokenizer)
         self._added: dict[str, int] = {}
         self._pieces = self._piece_splitter()
+        self._special_wrap = self._find_special_wrap()
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._cache_bytes = 0
         config_path = folder / "tokenizer_config.json"
@@ -95,7 +96,7 @@ class GatewayTokenizer:
             self._template = env.from_string(self.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if add_special_tokens or self._pieces is None:
+        if self._pieces is None or (add_special_tokens and self._special_wrap is None):
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
         ids: list[int] = []
         for i, piece in enumerate(self._pieces.split(text)):
@@ -103,7 +104,29 @@ class GatewayTokenizer:
                 ids.append(self._added[piece])
             elif piece:
                 ids.extend(self._encode_piece(piece))
+        if add_special_tokens:
+            assert self._special_wrap is not None
+            before, after = self._special_wrap
+            return [*before, *ids, *after]
         return ids
+
+    def _find_special_wrap(self) -> tuple[list[int], list[int]] | None:
+        """The ids the post-processor puts before and after a text's own (a BOS, an EOS), so a
+        prompt with special tokens is encoded in pieces too; None where two probes disagree
+        (a post-processor that does more than wrap)."""
+        wraps = set()
+        for probe in ("a", "Hello world!\n"):
+            plain = self.tokenizer.encode(probe, add_special_tokens=False).ids
+            wrapped = self.tokenizer.encode(probe, add_special_tokens=True).ids
+            starts = [i for i in range(len(wrapped) - len(plain) + 1) if wrapped[i : i + len(plain)] == plain]
+            if len(starts) != 1:
+                return None
+            start = starts[0]
+            wraps.add((tuple(wrapped[:start]), tuple(wrapped[start + len(plain) :])))
+        if len(wraps) != 1:
+            return None
+        before, after = wraps.pop()
+        return list(before), list(after)
 
     def _encode_piece(self, piece: str) -> array[int]:
         cached = self._cache.get(piece)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from gateway import fast_bpe
 from gateway.fast_bpe import FastBpeEncoder, UnsupportedPattern, ascii_pattern
@@ -229,3 +229,48 @@ def _gateway_tokenizer(folder: Path) -> GatewayTokenizer:
     if folder not in _GATEWAY_TOKENIZERS:
         _GATEWAY_TOKENIZERS[folder] = GatewayTokenizer(folder)
     return _GATEWAY_TOKENIZERS[folder]
+
+
+def _wrapped_tokenizer_folder(folder: Path, single: str) -> Path:
+    """A Llama-3-shaped tokenizer whose post-processor wraps a text in special tokens."""
+    tokenizer = _split_tokenizer(LLAMA3_PATTERN, ignore_merges=True)
+    tokenizer.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    specials = [(name, tokenizer.token_to_id(name)) for name in ("<|begin_of_text|>", "<|end_of_text|>")]
+    tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wrapping_tokenizers(tmp_path_factory: pytest.TempPathFactory) -> list[GatewayTokenizer]:
+    root = tmp_path_factory.mktemp("wrapping")
+    return [
+        GatewayTokenizer(_wrapped_tokenizer_folder(root / "bos", "<|begin_of_text|> $A")),
+        GatewayTokenizer(_wrapped_tokenizer_folder(root / "bos-eos", "<|begin_of_text|> $A <|end_of_text|>")),
+    ]
+
+
+def test_a_prompt_with_special_tokens_is_encoded_in_pieces_with_the_post_processors_wrap(
+    wrapping_tokenizers: list[GatewayTokenizer],
+) -> None:
+    bos_only, bos_eos = wrapping_tokenizers
+    assert all(t._fast is not None and t._pieces is not None for t in wrapping_tokenizers)
+    assert bos_only._special_wrap is not None and bos_only._special_wrap[0] and not bos_only._special_wrap[1]
+    assert bos_eos._special_wrap is not None and bos_eos._special_wrap[0] and bos_eos._special_wrap[1]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.lists(
+        st.one_of(ascii_text, covered_text, st.text(max_size=6), st.sampled_from(["<|begin_of_text|>"])),
+        max_size=5,
+    ).map("".join)
+)
+def test_completions_prompts_with_special_tokens_encode_as_tokenizers_does(
+    wrapping_tokenizers: list[GatewayTokenizer], text: str
+) -> None:
+    for gateway_tokenizer in wrapping_tokenizers:
+        for special in (True, False):
+            expected = gateway_tokenizer.tokenizer.encode(text, add_special_tokens=special).ids
+            assert gateway_tokenizer.encode(text, add_special_tokens=special) == expected
