@@ -12,8 +12,10 @@ gateway, sglang-router), streamed and not:
 - latency: requests one at a time; a stream is timed to its `data: [DONE]`. Targets take
   turns in small batches, so load from elsewhere on the machine hits all of them alike;
 - throughput: 32 requests in flight for a few seconds, requests/s (also taking turns);
-- a floor: bench/tcp_pipe.py, a Python process that only copies bytes between the client
-  and the mock (no HTTP parsing): what any Python process in the path adds at the least;
+- two floors: bench/tcp_pipe.py, a Python process that only copies bytes between the client
+  and the mock (no HTTP parsing): what any Python process in the path adds at the least; and
+  bench/http_floor.py, one that parses HTTP both ways, sends a fixed token request to the
+  mock and answers with fixed bytes: what a Python router that speaks HTTP adds at the least;
 - paced: a second mock (with its own gateway and sglang-router) spaces its streamed tokens
   2 ms apart, as an engine's decode steps do, and holds a non-streamed answer as long: what a
   router adds when chunks arrive one at a time rather than all at once (write coalescing
@@ -54,7 +56,7 @@ import aiohttp
 from bench.mock_replica import MODEL_NAME, OUTPUT_TOKENS
 
 PACED_MS = 2.0
-_TARGETS = ["mock (direct)", "Python TCP pipe", "prefixgate gateway", "sglang-router"]
+_TARGETS = ["mock (direct)", "Python TCP pipe", "Python HTTP floor", "prefixgate gateway", "sglang-router"]
 _DONE = b"data: [DONE]\n\n"
 _numbers = itertools.count()
 _MESSAGES = [
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def targets(pace_ms: float, tag: str) -> dict[str, str]:
             """A mock, our gateway and sglang-router in front of it: name -> chat URL."""
-            mock_port, gateway_port, sglang_port, pipe_port = (_free_port() for _ in range(4))
+            mock_port, gateway_port, sglang_port, pipe_port, floor_port = (_free_port() for _ in range(5))
             mock = f"http://127.0.0.1:{mock_port}"
             mock_args = ["--port", str(mock_port), "--token-interval-ms", str(pace_ms)]
             _spawn(started, [python, "-m", "bench.mock_replica", *mock_args], logs / f"mock{tag}.log")
@@ -346,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
             _spawn(started, gateway, logs / f"gateway{tag}.log")
             pipe = [python, "-m", "bench.tcp_pipe", "--port", str(pipe_port), "--upstream", mock[7:]]
             _spawn(started, pipe, logs / f"tcp_pipe{tag}.log")
+            floor = [python, "-m", "bench.http_floor", "--port", str(floor_port), "--upstream", mock[7:]]
+            _spawn(started, floor, logs / f"http_floor{tag}.log")
             found = {
                 "mock (direct)": f"{mock}/v1/chat/completions",
                 "Python TCP pipe": f"http://127.0.0.1:{pipe_port}/v1/chat/completions",
+                "Python HTTP floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
                 "prefixgate gateway": f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
             }
             if not args.no_sglang:
