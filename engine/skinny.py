@@ -64,42 +64,45 @@ def use_skinny_matmuls(model: CausalLM) -> list[str]:
                 for module in modules:
                     module.skinny = kernels[fastest]
                 chosen.append(name if fastest == "gemv" else f"{name} (activation folded in)")
-        if _fuse_qkv(model):
-            chosen.append("qkv_proj with rotary and KV store")
-        if _fold_norms(model):
+        qkv = _fuse_qkv(model)
+        if qkv is not None:
+            chosen.append(f"qkv_proj with rotary and KV store ({qkv})")
+        if _fold_norms(model, qkv):
             chosen.append("RMSNorms folded into the matmuls")
     log.info("skinny matmuls (<= %d rows) on: %s", GEMV_MAX_ROWS, ", ".join(chosen) or "none")
     return chosen
 
 
-def _fuse_qkv(model: CausalLM) -> bool:
-    """Give every layer the fused qkv + rotary + KV-store kernel if it measured fastest."""
-    from kernels.triton_qkv import GEMV_MAX_ROWS, fastest_qkv, qkv_rotary_store
+def _fuse_qkv(model: CausalLM) -> str | None:
+    """Give every layer the fused qkv + rotary + KV-store kernel if it measured fastest; the
+    name of the variant that did (kernels/triton_qkv.py, qkv_kernel), or None."""
+    from kernels.triton_qkv import GEMV_MAX_ROWS, fastest_qkv, qkv_kernel
 
     config = model.config
     if config.qk_norm or config.head_dim % 64:
-        return False  # a norm between projection and rotary; or a head the kernel does not split
+        return None  # a norm between projection and rotary; or a head the kernel does not split
     attentions = [layer.self_attn for layer in model.model.layers]
     rotary = model.model.rotary
     weights = [a.qkv_proj.weight for a in attentions[:4]]  # type: ignore[union-attr]
     bias = attentions[0].qkv_proj.bias  # type: ignore[union-attr]
     fastest = fastest_qkv(weights, bias, rotary.cos, rotary.sin, config.num_heads, config.num_kv_heads)  # type: ignore[arg-type]
-    if fastest != "fused":
-        return False
-    fused = FusedQkv(qkv_rotary_store, GEMV_MAX_ROWS)
+    if fastest not in ("fused", "fused_fine"):
+        return None
+    fused = FusedQkv(qkv_kernel(fastest, config.head_dim), GEMV_MAX_ROWS)
     for attention in attentions:
         attention.fused_qkv = fused  # type: ignore[union-attr,assignment]
-    return True
+    return fastest
 
 
-def _fold_norms(model: CausalLM) -> bool:
+def _fold_norms(model: CausalLM, qkv: str | None) -> bool:
     """Fold every layer's norms into its matmuls (NormFold) if one layer's chain measured faster.
 
     `PREFIXGATE_NORM_FOLD=1` (or 0) in the environment folds (or does not) without timing: to
-    compare the two in one benchmark, say."""
+    compare the two in one benchmark, say. `qkv`: the fused qkv variant _fuse_qkv chose, if any
+    (the folded path runs it too)."""
     from kernels.matmul_ref import row_stats_buffer
     from kernels.triton_gemv import GEMV_MAX_ROWS, gemv, graph_time_us
-    from kernels.triton_qkv import qkv_rotary_store
+    from kernels.triton_qkv import qkv_kernel
 
     config = model.config
     forced = os.environ.get("PREFIXGATE_NORM_FOLD")
@@ -107,7 +110,7 @@ def _fold_norms(model: CausalLM) -> bool:
         return False  # the same limits as the fused qkv kernel, which does the qkv side
     weight = model.lm_head.weight
     stats = row_stats_buffer(config.hidden_size, GEMV_MAX_ROWS, weight.device)
-    fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS, stats)
+    fold = NormFold(gemv, qkv_kernel(qkv or "fused", config.head_dim), GEMV_MAX_ROWS, stats)
     on = {"device": weight.device, "dtype": weight.dtype}
     hidden = torch.randn(1, config.hidden_size, **on)
     residual = torch.randn(1, config.hidden_size, **on)

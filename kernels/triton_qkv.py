@@ -2,7 +2,7 @@
 
 At batch 1 a decode layer launched the qkv GEMV, then a rotary kernel and a KV-store kernel of
 ~1.5-2.5 us each on a few KiB. Here each program of the GEMV (kernels/triton_gemv.py's loop)
-owns a quarter of one head's dimensions from each half, the two halves rotary pairs with each
+owns a part (a quarter by default) of one head's dimensions from each half, the halves rotary pairs with each
 other, so the epilogue rotates its own tile: a query head's tile goes to the query output, a
 key head's (rotated) and a value head's tile go straight into the paged cache at the rows'
 slots (a negative slot, a padding row, stores nothing). The same roundings as the three
@@ -18,6 +18,7 @@ Not for models with q/k norms (Qwen3: the norm sits between projection and rotar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -35,24 +36,24 @@ def _qkv_rotary_store_kernel(
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head, norm_eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-    PARTIALS: tl.constexpr,
+    PARTIALS: tl.constexpr, PARTS: tl.constexpr,
 ):  # fmt: skip
     pdl_prologue(USE_PDL)
-    QUARTER: tl.constexpr = HEAD_DIM // 4
     HALF: tl.constexpr = HEAD_DIM // 2
-    head = tl.program_id(0) // 2
-    quarter = tl.program_id(0) % 2
+    PART: tl.constexpr = HALF // PARTS  # dimensions of each half a program owns
+    head = tl.program_id(0) // PARTS
+    part = tl.program_id(0) % PARTS
     rows = tl.arange(0, 16)
     row_ok = rows < M
-    # Tile column i: dimension quarter * QUARTER + i % QUARTER of the first half (i < QUARTER)
-    # or of the second half: the two halves of the tile are rotary pairs.
-    i = tl.arange(0, HALF)
-    dims_in_head = (i // QUARTER) * HALF + quarter * QUARTER + i % QUARTER
+    # Tile column i: dimension part * PART + i % PART of the first half (i < PART) or of the
+    # second half: the two halves of the tile are rotary pairs.
+    i = tl.arange(0, 2 * PART)
+    dims_in_head = (i // PART) * HALF + part * PART + i % PART
     w_rows = w_ptr + (head * HEAD_DIM + dims_in_head)[:, None].to(tl.int64) * stride_wn
     dtype = q_ptr.dtype.element_ty
     if NORM:
         sum_squares = load_row_stats(stats_ptr, rows, row_ok, K, 16, PARTIALS)
-    acc = tl.zeros((16, HALF), dtype=tl.float32)
+    acc = tl.zeros((16, 2 * PART), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -66,8 +67,8 @@ def _qkv_rotary_store_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + head * HEAD_DIM + dims_in_head).to(tl.float32)[None, :]
     projected = acc.to(dtype).to(tl.float32)  # the projection's output, as the GEMV rounds it
-    first, second = tl.split(tl.permute(tl.reshape(projected, (16, 2, QUARTER)), (0, 2, 1)))
-    dims = quarter * QUARTER + tl.arange(0, QUARTER)  # rotary dimensions, within a half
+    first, second = tl.split(tl.permute(tl.reshape(projected, (16, 2, PART)), (0, 2, 1)))
+    dims = part * PART + tl.arange(0, PART)  # rotary dimensions, within a half
     if head < NUM_HEADS + NUM_KV_HEADS:  # a query or key head: rotate
         positions = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         table = positions[:, None] * stride_c + dims[None, :]
@@ -111,6 +112,8 @@ def qkv_rotary_store(
     num_kv_heads: int,
     norm_stats: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
+    parts: int = 2,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """The rotated query [M, heads, head_dim] of x [M, K] @ weight^T (+ bias), M <= 16; the
     rotated keys and the values are written into kv_cache [2, blocks, block_size, kv_heads,
@@ -125,6 +128,8 @@ def qkv_rotary_store(
         raise ValueError(f"weight {tuple(weight.shape)} and cache {tuple(kv_cache.shape)} do not fit")
     if head_dim % 64 or kv_cache.stride(-1) != 1:
         raise ValueError("head_dim must be a multiple of 64, innermost and contiguous in the cache")
+    if parts not in (2, 4, 8) or head_dim // parts < 16:
+        raise ValueError(f"parts must be 2, 4 or 8 with a tile of at least 16 columns, got {parts}")
     if norm_stats is not None:
         check_row_stats(norm_stats, k, GEMV_MAX_ROWS)
     if x.stride(1) != 1:
@@ -134,9 +139,9 @@ def qkv_rotary_store(
         pdl = use_pdl(x.device)
         # A tile is half a head's rows: ~32K weight elements a stage keeps three stages in
         # shared memory for any head size.
-        block_k = max(16, 16384 // (head_dim // 2))
+        block_k = block_k or max(16, 16384 // (head_dim // 2))
         bias_or_any = bias if bias is not None else weight
-        _qkv_rotary_store_kernel[(2 * (num_heads + 2 * num_kv_heads),)](
+        _qkv_rotary_store_kernel[(parts * (num_heads + 2 * num_kv_heads),)](
             x, weight, bias_or_any, norm_stats if norm_stats is not None else query,
             positions, cos, sin, query, kv_cache, slot_mapping,
             rows, k, x.stride(0), weight.stride(0), query.stride(0), cos.stride(0),
@@ -144,7 +149,7 @@ def qkv_rotary_store(
             norm_eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             HAS_BIAS=bias is not None, NORM=norm_stats is not None, BLOCK_K=block_k, USE_PDL=pdl,
-            PARTIALS=norm_partials(norm_stats, k),
+            PARTIALS=norm_partials(norm_stats, k), PARTS=parts,
             num_warps=4, num_stages=3, launch_pdl=pdl,
         )  # fmt: skip
     return query
@@ -159,8 +164,8 @@ def fastest_qkv(
     num_kv_heads: int,
 ) -> str:
     """At one row, over these weights (several layers' copies, read in turn), which is fastest:
-    "fused" (this kernel), or the projection by "cublas" or "gemv" followed by the rotary and
-    KV-store kernels."""
+    "fused" or "fused_fine" (this kernel, qkv_kernel says how each cuts the heads), or the
+    projection by "cublas" or "gemv" followed by the rotary and KV-store kernels."""
     import torch.nn.functional as F
 
     from kernels.triton_elementwise import rotary_triton
@@ -189,8 +194,30 @@ def fastest_qkv(
     candidates: dict[str, Callable[[torch.Tensor], object]] = {
         "cublas": separate(lambda weight: F.linear(x, weight, bias)),
         "gemv": separate(lambda weight: gemv(x, weight, bias)),
-        "fused": lambda weight: qkv_rotary_store(
-            x, weight, bias, positions, cos, sin, cache, slots, num_heads, num_kv_heads
-        ),
     }
+    for name in ("fused", "fused_fine") if finest_parts(head_dim) > 2 else ("fused",):
+        kernel = qkv_kernel(name, head_dim)
+        candidates[name] = functools.partial(
+            lambda weight, kernel: kernel(
+                x, weight, bias, positions, cos, sin, cache, slots, num_heads, num_kv_heads
+            ),
+            kernel=kernel,
+        )
     return fastest_of(candidates, weights)
+
+
+def finest_parts(head_dim: int) -> int:
+    """The most parts a head's halves can be cut in (a tile keeps at least 16 columns)."""
+    return max(parts for parts in (2, 4, 8) if head_dim // parts >= 16)
+
+
+def qkv_kernel(name: str, head_dim: int) -> Callable[..., torch.Tensor]:
+    """The qkv_rotary_store variant fastest_qkv named: "fused" (each program half a head's
+    dimensions) or "fused_fine" (the finest cut, 512-wide K steps). On an H200 the fine cut
+    took a Qwen2.5-1.5B-shaped qkv (16 heads: 32 programs for 132 SMs) from 5.9 to 4.9 us and
+    left Llama-3.1-8B's (48 heads) at 15.4 against 17.0 (kernels/bench_qkv.py)."""
+    if name == "fused":
+        return qkv_rotary_store
+    if name == "fused_fine":
+        return functools.partial(qkv_rotary_store, parts=finest_parts(head_dim), block_k=512)
+    raise ValueError(f"no qkv kernel named {name!r}")

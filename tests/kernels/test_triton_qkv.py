@@ -36,6 +36,22 @@ def test_fused_qkv_matches_projection_rotary_and_store(
     check_fused_qkv(dtype, rows, heads, kv_heads, head_dim, hidden, with_bias, None)
 
 
+# Heads cut finer (each program a quarter or an eighth of each half): more programs for models
+# whose heads would leave SMs idle.
+@pytest.mark.parametrize("parts", [4, 8])
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, hidden", [(32, 8, 128, 4096), (4, 1, 64, 200)])
+def test_fused_qkv_in_finer_parts_matches(
+    parts: int, rows: int, heads: int, kv_heads: int, head_dim: int, hidden: int
+) -> None:
+    if head_dim // parts < 16:
+        with pytest.raises(ValueError, match="parts"):
+            check_fused_qkv(torch.bfloat16, rows, heads, kv_heads, head_dim, hidden, True, None, parts)
+        return
+    check_fused_qkv(torch.bfloat16, rows, heads, kv_heads, head_dim, hidden, True, None, parts)
+    check_fused_qkv(torch.bfloat16, rows, heads, kv_heads, head_dim, hidden, False, 1e-5, parts)
+
+
 # rmsnorm(x) folded in, from x's row statistics (engine/models/decoder.py's folded path): fewer
 # shapes, as each variant compiles once on a fresh machine.
 @pytest.mark.parametrize("rows", [1, 7])
@@ -58,6 +74,7 @@ def check_fused_qkv(
     hidden: int,
     with_bias: bool,
     norm_eps: float | None,
+    parts: int = 2,
 ) -> None:
     gen, seed = fresh_generator()
     n = (heads + 2 * kv_heads) * head_dim
@@ -90,7 +107,7 @@ def check_fused_qkv(
     got_q = triton_qkv.qkv_rotary_store(
         x.to(**on), weight.to(**on), None if bias is None else bias.to(**on), positions.to(**on),
         cos.to(**on), sin.to(**on), cache, slots.to(**on), heads, kv_heads,
-        None if norm_stats is None else norm_stats.to(**on), norm_eps or 1e-6,
+        None if norm_stats is None else norm_stats.to(**on), norm_eps or 1e-6, parts,
     )  # fmt: skip
     # Only the float32 summation order of the projection differs: at most a rounding step apart.
     tolerance = 2 * torch.finfo(dtype).eps * max(1.0, expected_q.abs().max().item())
