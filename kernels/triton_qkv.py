@@ -2,10 +2,10 @@
 
 At batch 1 a decode layer launched the qkv GEMV, then a rotary kernel and a KV-store kernel of
 ~1.5-2.5 us each on a few KiB. Here each program of the GEMV (kernels/triton_gemv.py's loop)
-owns a part (a quarter by default) of one head's dimensions from each half, the halves rotary pairs with each
-other, so the epilogue rotates its own tile: a query head's tile goes to the query output, a
-key head's (rotated) and a value head's tile go straight into the paged cache at the rows'
-slots (a negative slot, a padding row, stores nothing). The same roundings as the three
+owns a part (a quarter by default) of one head's dimensions from each half, the two halves
+rotary pairs with each other, so the epilogue rotates its own tile: a query head's tile goes
+to the query output, a key head's (rotated) and a value head's tile go straight into the
+paged cache at the rows' slots (a negative slot, a padding row, stores nothing). The same roundings as the three
 separate kernels: the projection rounded to the activation dtype, each rotary product and sum
 rounded as kernels/elementwise_ref.py's rotary_ref.
 
