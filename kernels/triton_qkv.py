@@ -5,9 +5,9 @@ At batch 1 a decode layer launched the qkv GEMV, then a rotary kernel and a KV-s
 owns a part (a quarter by default) of one head's dimensions from each half, the two halves
 rotary pairs with each other, so the epilogue rotates its own tile: a query head's tile goes
 to the query output, a key head's (rotated) and a value head's tile go straight into the
-paged cache at the rows' slots (a negative slot, a padding row, stores nothing). The same roundings as the three
-separate kernels: the projection rounded to the activation dtype, each rotary product and sum
-rounded as kernels/elementwise_ref.py's rotary_ref.
+paged cache at the rows' slots (a negative slot, a padding row, stores nothing). The same
+roundings as the three separate kernels: the projection rounded to the activation dtype, each
+rotary product and sum rounded as kernels/elementwise_ref.py's rotary_ref.
 
 With `norm_stats` the projection is of rmsnorm(x) with a unit weight, folded in as in
 kernels/triton_gemv.py (the partial sums of squares the kernel that wrote x left, the
