@@ -14,14 +14,12 @@ router that speaks HTTP (bench/tcp_pipe.py is the floor for one that only copies
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import socket
-from typing import cast
 
 import httptools
-import uvloop
+
+from bench import tcp_pipe
 
 _TOKEN_REQUEST = json.dumps({"token_ids": list(range(1000, 1040)), "max_tokens": 16}).encode()
 _UPSTREAM_REQUEST = (
@@ -73,9 +71,6 @@ class _Upstream(asyncio.Protocol):
         self.client = client
         self.parser = httptools.HttpResponseParser(self)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
 
@@ -89,30 +84,17 @@ class _Upstream(asyncio.Protocol):
         self.client.transport.close()
 
 
-class _Client(asyncio.Protocol):
+class _Client(tcp_pipe.PipedClient):
     """The client side: one request at a time, each sent on to the replica as it completes."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.parser = httptools.HttpRequestParser(self)
-        self.upstream: asyncio.Transport | None = None
-        self.waiting = 0  # requests complete before the upstream connection was up
         self.body: list[bytes] = []
         self.stream = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        asyncio.get_running_loop().create_task(self._connect())
-
-    async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        # The transport create_connection returns (uvloop may call connection_made later).
-        transport, _ = await loop.create_connection(lambda: _Upstream(self), self.host, self.port)
-        self.upstream = cast(asyncio.Transport, transport)
-        for _ in range(self.waiting):
-            self.upstream.write(_UPSTREAM_REQUEST)
-        self.waiting = 0
+    def upstream_protocol(self) -> asyncio.Protocol:
+        return _Upstream(self)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
@@ -125,10 +107,7 @@ class _Client(asyncio.Protocol):
         self.body.clear()
         if self.stream:
             self.transport.write(_STREAM_HEAD)
-        if self.upstream is None:
-            self.waiting += 1
-        else:
-            self.upstream.write(_UPSTREAM_REQUEST)
+        self.send_upstream(_UPSTREAM_REQUEST)
 
     def frames(self, count: int) -> None:
         if self.stream and count:
@@ -140,26 +119,6 @@ class _Client(asyncio.Protocol):
         else:
             self.transport.write(_JSON_ANSWER)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.upstream is not None:
-            self.upstream.close()
-
-
-async def serve(port: int, upstream: str) -> None:
-    host, upstream_port = upstream.rsplit(":", 1)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Client(host, int(upstream_port)), "127.0.0.1", port)
-    async with server:
-        await server.serve_forever()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True, help="host:port")
-    args = parser.parse_args()
-    uvloop.run(serve(args.port, args.upstream))
-
 
 if __name__ == "__main__":
-    main()
+    tcp_pipe.main(__doc__, _Client)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import cast
 
 import uvloop
@@ -29,11 +30,18 @@ class _Upstream(asyncio.Protocol):
         self.client.close()
 
 
-class _Client(asyncio.Protocol):
+class PipedClient(asyncio.Protocol):
+    """A client connection with one upstream connection of its own, opened as it arrives;
+    what is sent upstream before that is up waits for it. Subclasses say what talks to the
+    upstream (upstream_protocol) and what they send it (send_upstream)."""
+
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.upstream: asyncio.Transport | None = None
         self.pending: list[bytes] = []
+
+    def upstream_protocol(self) -> asyncio.Protocol:
+        raise NotImplementedError
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
@@ -42,14 +50,15 @@ class _Client(asyncio.Protocol):
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        upstream, _ = await loop.create_connection(lambda: _Upstream(self.transport), self.host, self.port)
+        # The transport create_connection returns (uvloop may call connection_made later).
+        upstream, _ = await loop.create_connection(self.upstream_protocol, self.host, self.port)
         upstream.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.upstream = upstream
+        self.upstream = cast(asyncio.Transport, upstream)
         for data in self.pending:
             upstream.write(data)
         self.pending.clear()
 
-    def data_received(self, data: bytes) -> None:
+    def send_upstream(self, data: bytes) -> None:
         if self.upstream is None:
             self.pending.append(data)
         else:
@@ -60,20 +69,30 @@ class _Client(asyncio.Protocol):
             self.upstream.close()
 
 
-async def serve(port: int, upstream: str) -> None:
+class _Client(PipedClient):
+    def upstream_protocol(self) -> asyncio.Protocol:
+        return _Upstream(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.send_upstream(data)
+
+
+async def serve(port: int, upstream: str, protocol: Callable[[str, int], asyncio.Protocol]) -> None:
     host, upstream_port = upstream.rsplit(":", 1)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Client(host, int(upstream_port)), "127.0.0.1", port)
+    server = await loop.create_server(lambda: protocol(host, int(upstream_port)), "127.0.0.1", port)
     async with server:
         await server.serve_forever()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(description: str = __doc__, protocol: Callable[[str, int], asyncio.Protocol] = _Client) -> None:
+    """Serve `protocol` (built with the upstream's host and port, one per client connection)
+    on --port; bench/http_floor.py runs its own this way."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="host:port")
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.upstream))
+    uvloop.run(serve(args.port, args.upstream, protocol))
 
 
 if __name__ == "__main__":
