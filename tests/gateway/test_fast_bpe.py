@@ -274,3 +274,18 @@ def test_completions_prompts_with_special_tokens_encode_as_tokenizers_does(
         for special in (True, False):
             expected = gateway_tokenizer.tokenizer.encode(text, add_special_tokens=special).ids
             assert gateway_tokenizer.encode(text, add_special_tokens=special) == expected
+
+
+def test_a_tokenizer_json_that_truncates_does_not_cut_prompts(tmp_path: Path) -> None:
+    """Truncation saved in tokenizer.json (for training) must not cut a prompt on any path."""
+    tokenizer = _split_tokenizer(LLAMA3_PATTERN, ignore_merges=True)
+    tokenizer.enable_truncation(8)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    text = "Hello world, it's a long prompt that runs well past eight tokens. " * 4
+    untruncated = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    untruncated.no_truncation()
+    expected = untruncated.encode(text, add_special_tokens=False).ids
+    assert len(expected) > 8
+    gateway_tokenizer = GatewayTokenizer(tmp_path)
+    for special in (True, False):
+        assert gateway_tokenizer.encode(text, add_special_tokens=special) == expected
