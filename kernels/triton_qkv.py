@@ -195,14 +195,14 @@ def fastest_qkv(
         "cublas": separate(lambda weight: F.linear(x, weight, bias)),
         "gemv": separate(lambda weight: gemv(x, weight, bias)),
     }
-    for name in ("fused", "fused_fine") if finest_parts(head_dim) > 2 else ("fused",):
-        kernel = qkv_kernel(name, head_dim)
-        candidates[name] = functools.partial(
-            lambda weight, kernel: kernel(
-                x, weight, bias, positions, cos, sin, cache, slots, num_heads, num_kv_heads
-            ),
-            kernel=kernel,
+
+    def fused(kernel: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], object]:
+        return lambda weight: kernel(
+            x, weight, bias, positions, cos, sin, cache, slots, num_heads, num_kv_heads
         )
+
+    for name in ("fused", "fused_fine") if finest_parts(head_dim) > 2 else ("fused",):
+        candidates[name] = fused(qkv_kernel(name, head_dim))
     return fastest_of(candidates, weights)
 
 
