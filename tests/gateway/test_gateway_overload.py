@@ -244,3 +244,29 @@ def test_a_body_over_the_limit_gets_413_whether_declared_or_chunked(cluster: Any
     under = httpx.post(url, content=b" " * (MAX_BODY - 10) + b"{}", headers=_auth(), timeout=60)
     assert under.status_code == 400 and "messages" in under.text
     wait_admitted_zero(gateway)
+
+
+def test_a_client_leaving_a_non_streamed_answer_aborts_it_on_the_replica(cluster: Any) -> None:
+    """The gateway hears the lost connection (its server's callback, no watcher task) and
+    closes the replica stream: the replica's request ends at once, not after 4,000 tokens."""
+    gateway, replica = cluster
+
+    def replica_in_flight() -> int:
+        return int(httpx.get(replica.url + "/load").json()["in_flight"])
+
+    async def leave() -> None:
+        async with aiohttp.ClientSession() as session:
+            post = session.post(
+                gateway.url + "/v1/chat/completions", json=_chat(4000, False), headers=_auth()
+            )
+            with pytest.raises(asyncio.TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await post
+            assert replica_in_flight() == 1  # it was generating when the client left
+
+    asyncio.run(leave())
+    left = time.monotonic()
+    while replica_in_flight():
+        assert time.monotonic() - left < 10.0, "the replica kept generating for a client that had gone"
+        time.sleep(0.05)
+    wait_admitted_zero(gateway, within_s=5.0)
