@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -28,7 +28,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.app import GatewayApp
 from gateway.auth import load_access
 from gateway.config import GatewayConfig
-from gateway.openai_api import ON_DISCONNECT_SCOPE_KEY
 from traces import configure_tracing, shutdown_tracing
 
 log = logging.getLogger("prefixgate.gateway")
@@ -72,22 +71,6 @@ class _CoalescingTransport:
 class _HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        # The handler registers here what to do if the client leaves mid-request (openai_api,
-        # _run_unless_disconnected): a call from connection_lost instead of a watcher task.
-        cast(dict[str, Any], self.scope)[ON_DISCONNECT_SCOPE_KEY] = []
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        cycle = self.cycle
-        super().connection_lost(exc)
-        if cycle is not None and cycle.disconnected:  # gone before its answer was whole
-            scope = cast(dict[str, Any], cycle.scope)
-            callbacks = scope.get(ON_DISCONNECT_SCOPE_KEY)
-            scope[ON_DISCONNECT_SCOPE_KEY] = None
-            for callback in callbacks or ():
-                callback()
 
     def on_response_complete(self) -> None:
         # The answer is whole: out now, not after the handler's task has unwound (the end of

@@ -247,8 +247,8 @@ def test_a_body_over_the_limit_gets_413_whether_declared_or_chunked(cluster: Any
 
 
 def test_a_client_leaving_a_non_streamed_answer_aborts_it_on_the_replica(cluster: Any) -> None:
-    """The gateway hears the lost connection (its server's callback, no watcher task) and
-    closes the replica stream: the replica's request ends at once, not after 4,000 tokens."""
+    """The gateway hears the lost connection and closes the replica stream: the replica's
+    request ends at once, not after 4,000 tokens."""
     gateway, replica = cluster
 
     def replica_in_flight() -> int:
