@@ -17,23 +17,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from bench.offline import copy_bandwidth
 from kernels.triton_gemv import graph_time_us
 from kernels.triton_qkv import qkv_rotary_store
 
 SHAPES = {"llama3-8b": (32, 8, 128, 4096), "qwen2.5-1.5b": (12, 2, 128, 1536)}
-
-
-def copy_bandwidth_tb_s(device: torch.device) -> float:
-    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        target.copy_(source)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 10 * source.numel() / (start.elapsed_time(end) / 1000) / 1e12
 
 
 def bench_shape(shape: str, layers: int, bandwidth: float) -> None:
@@ -50,7 +38,7 @@ def bench_shape(shape: str, layers: int, bandwidth: float) -> None:
         "kv_cache": torch.zeros((2, 2, 16, kv_heads, head_dim), device=device, dtype=torch.bfloat16),
         "slot_mapping": torch.tensor([5], device=device),
     }
-    floor = n * hidden * 2 / (bandwidth * 1e12) * 1e6
+    floor = n * hidden * 2 / bandwidth * 1e6
     cublas = graph_time_us(functools.partial(F.linear, x), weights)
     print(f"\n{shape}: qkv {n} x {hidden}, floor {floor:.1f} us, cuBLAS projection alone {cublas:.1f} us")
     print("| parts | programs | block_k | us | over floor |")
@@ -85,8 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
-    bandwidth = copy_bandwidth_tb_s(torch.device("cuda"))
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth:.2f} TB/s")
+    bandwidth = copy_bandwidth(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for shape in SHAPES:
         bench_shape(shape, args.layers, bandwidth)
 

@@ -79,37 +79,49 @@ def qwen2_like() -> Tokenizer:
     return _split_tokenizer(QWEN2_PATTERN)
 
 
-_ENCODERS: dict[int, FastBpeEncoder] = {}
-
-
 def _encoder(tokenizer: Tokenizer) -> FastBpeEncoder:
-    """The tokenizer's encoder, built (and self-checked, ~0.1 s) once per tokenizer."""
-    if id(tokenizer) not in _ENCODERS:
-        encoder = FastBpeEncoder.for_tokenizer(tokenizer)
-        assert encoder is not None
-        _ENCODERS[id(tokenizer)] = encoder
-    return _ENCODERS[id(tokenizer)]
+    encoder = FastBpeEncoder.for_tokenizer(tokenizer)
+    assert encoder is not None
+    return encoder
+
+
+# Built (and self-checked, ~0.5 s) once per module.
+@pytest.fixture(scope="module")
+def smollm2_encoder(smollm2: Tokenizer) -> FastBpeEncoder:
+    return _encoder(smollm2)
+
+
+@pytest.fixture(scope="module")
+def split_encoders(llama3_like: Tokenizer, qwen2_like: Tokenizer) -> list[tuple[Tokenizer, FastBpeEncoder]]:
+    return [(tokenizer, _encoder(tokenizer)) for tokenizer in (llama3_like, qwen2_like)]
+
+
+@pytest.fixture(scope="module")
+def gateway_tokenizer(smollm2_dir: Path) -> GatewayTokenizer:
+    return GatewayTokenizer(smollm2_dir)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(ascii_text, covered_text))
-def test_the_gpt2_pattern_encodes_as_tokenizers_does(smollm2: Tokenizer, text: str) -> None:
-    assert _encoder(smollm2).encode(text) == smollm2.encode(text, add_special_tokens=False).ids
+def test_the_gpt2_pattern_encodes_as_tokenizers_does(
+    smollm2: Tokenizer, smollm2_encoder: FastBpeEncoder, text: str
+) -> None:
+    assert smollm2_encoder.encode(text) == smollm2.encode(text, add_special_tokens=False).ids
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(ascii_text, covered_text))
 def test_llama3_and_qwen2_split_patterns_encode_as_tokenizers_does(
-    llama3_like: Tokenizer, qwen2_like: Tokenizer, text: str
+    split_encoders: list[tuple[Tokenizer, FastBpeEncoder]], text: str
 ) -> None:
-    for tokenizer in (llama3_like, qwen2_like):
-        assert _encoder(tokenizer).encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
+    for tokenizer, encoder in split_encoders:
+        assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def test_both_paths_pass_the_start_up_check_and_other_scripts_are_left_to_tokenizers(
-    smollm2: Tokenizer,
+    smollm2: Tokenizer, smollm2_encoder: FastBpeEncoder
 ) -> None:
-    encoder = _encoder(smollm2)
+    encoder = smollm2_encoder
     assert encoder._ascii_split is not None and encoder._unicode_split is not None
     for text in (
         "plain ascii",
@@ -123,8 +135,7 @@ def test_both_paths_pass_the_start_up_check_and_other_scripts_are_left_to_tokeni
 
 
 def test_a_long_document_seen_twice_gives_the_same_ids_from_the_word_cache(smollm2: Tokenizer) -> None:
-    encoder = FastBpeEncoder.for_tokenizer(smollm2)
-    assert encoder is not None
+    encoder = _encoder(smollm2)  # a fresh one: its cache starts empty
     document = Path(fast_bpe.__file__).read_text()
     expected = smollm2.encode(document, add_special_tokens=False).ids
     assert encoder.encode(document) == expected
@@ -134,9 +145,9 @@ def test_a_long_document_seen_twice_gives_the_same_ids_from_the_word_cache(smoll
 
 
 def test_the_word_cache_stays_within_its_bound_on_endless_new_words(
-    smollm2: Tokenizer, monkeypatch: pytest.MonkeyPatch
+    smollm2: Tokenizer, smollm2_encoder: FastBpeEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    encoder = _encoder(smollm2)
+    encoder = smollm2_encoder
     encoder.forget_words()
     monkeypatch.setattr(fast_bpe, "WORD_CACHE_ENTRIES", 64)
     for number in range(1_000):
@@ -215,20 +226,12 @@ def test_the_start_up_check_switches_off_what_would_differ(
         max_size=6,
     ).map("".join)
 )
-def test_the_gateway_tokenizer_encodes_any_text_as_tokenizers_does(smollm2_dir: Path, text: str) -> None:
-    gateway_tokenizer = _gateway_tokenizer(smollm2_dir)
+def test_the_gateway_tokenizer_encodes_any_text_as_tokenizers_does(
+    gateway_tokenizer: GatewayTokenizer, text: str
+) -> None:
     assert gateway_tokenizer._fast is not None  # the fast path is on for the embedded model
     expected = gateway_tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
     assert gateway_tokenizer.encode(text, add_special_tokens=False) == expected
-
-
-_GATEWAY_TOKENIZERS: dict[Path, GatewayTokenizer] = {}
-
-
-def _gateway_tokenizer(folder: Path) -> GatewayTokenizer:
-    if folder not in _GATEWAY_TOKENIZERS:
-        _GATEWAY_TOKENIZERS[folder] = GatewayTokenizer(folder)
-    return _GATEWAY_TOKENIZERS[folder]
 
 
 def _wrapped_tokenizer_folder(folder: Path, single: str) -> Path:
