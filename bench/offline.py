@@ -145,6 +145,31 @@ def decode_b1(engine: EngineCore, bandwidth: float, shape: str, peers: bool) -> 
     )
 
 
+def decode_batches(engine: EngineCore, bandwidth: float) -> Result:
+    """Decode steps of 2-16 sequences (512-token prompts, 64 new tokens each, greedy): the
+    batches an agent's parallel tool calls or a handful of users make, which take the same
+    skinny-matmul paths as batch 1 (engine/skinny.py), and each reads the weights once too."""
+    rng = random.Random(5)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    ms_per_step = {}
+    for batch in (2, 4, 8, 16):
+        requests = [engine.add_request(_random_prompt(rng, 512, vocab), params) for _ in range(batch)]
+        run_to_completion(engine)
+        times = requests[0].times.tokens
+        ms_per_step[batch] = (times[-1] - times[0]) / (len(times) - 1) * 1000
+    roofline_ms = weight_bytes_per_step(engine.model_config) / bandwidth * 1000
+    return Result(
+        "decode_batches",
+        "ms/step at batch 4",
+        ms_per_step[4],
+        None,
+        "-",
+        "-",
+        {"roofline_ms": roofline_ms, **{f"ms_per_step_batch_{b}": ms for b, ms in ms_per_step.items()}},
+    )
+
+
 def _shared_prefix_prompts(vocab: int, groups: int, per_group: int) -> list[list[int]]:
     rng = random.Random(2)
     prompts = []
@@ -297,7 +322,7 @@ def cached_prefix_ttft(engine: EngineCore) -> Result:
     )
 
 
-SCENARIOS = ("decode_b1", "shared_prefix", "sharegpt_like", "cached_prefix_ttft")
+SCENARIOS = ("decode_b1", "decode_batches", "shared_prefix", "sharegpt_like", "cached_prefix_ttft")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     gc.freeze()  # as a served engine core does after its warm-up (engine/server/core_process.py)
     runners: dict[str, Callable[[EngineCore], Result]] = {
         "decode_b1": lambda e: decode_b1(e, bandwidth, args.shape, peers),
+        "decode_batches": lambda e: decode_batches(e, bandwidth),
         "shared_prefix": lambda e: shared_prefix(e, args.shape, peers, args.peer_groups),
         "sharegpt_like": sharegpt_like,
         "cached_prefix_ttft": cached_prefix_ttft,

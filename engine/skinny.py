@@ -16,14 +16,19 @@ o_proj and down GEMVs add the residual stream in their epilogues and leave its r
 squares, and the qkv kernel and the gate_up GEMV normalise their input rows with those. If the
 fold wins, the norms' weights are multiplied into the qkv and gate_up weights once, here, and
 those norms keep unit weights for every other path. On an H200 (8B shape) it won by ~1% of a
-decode step (kernels/NOTES.md, v14).
+decode step (kernels/NOTES.md, v14). The folded chain is timed once more with each layer's MLP
+as one fused call (kernels/triton_mlp.py), which then runs up to the most rows at which it
+stays faster than the two GEMVs; on an H200 it won for a Qwen2.5-1.5B shape, where the down
+GEMV has too few columns to fill the GPU (kernels/NOTES.md, v17).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -67,8 +72,9 @@ def use_skinny_matmuls(model: CausalLM) -> list[str]:
         qkv = _fuse_qkv(model)
         if qkv is not None:
             chosen.append(f"qkv_proj with rotary and KV store ({qkv})")
-        if _fold_norms(model, qkv):
-            chosen.append("RMSNorms folded into the matmuls")
+        folded = _fold_norms(model, qkv)
+        if folded is not None:
+            chosen.append(folded)
     log.info("skinny matmuls (<= %d rows) on: %s", GEMV_MAX_ROWS, ", ".join(chosen) or "none")
     return chosen
 
@@ -94,49 +100,111 @@ def _fuse_qkv(model: CausalLM) -> str | None:
     return fastest
 
 
-def _fold_norms(model: CausalLM, qkv: str | None) -> bool:
-    """Fold every layer's norms into its matmuls (NormFold) if one layer's chain measured faster.
+# The batch sizes at which the folded layer is timed against the one with norm kernels: each
+# path runs up to the largest row count through which it kept winning.
+ROW_COUNTS = (1, 2, 4, 8, 16)
 
-    `PREFIXGATE_NORM_FOLD=1` (or 0) in the environment folds (or does not) without timing: to
-    compare the two in one benchmark, say. `qkv`: the fused qkv variant _fuse_qkv chose, if any
-    (the folded path runs it too)."""
+
+def _fold_norms(model: CausalLM, qkv: str | None) -> str | None:
+    """Fold every layer's norms into its matmuls (NormFold) for batches of as many rows as one
+    layer's chain measured faster that way, and run its MLP as one fused call
+    (kernels/triton_mlp.py) for as many rows as that measured faster still; what was chosen,
+    or None.
+
+    `PREFIXGATE_NORM_FOLD=1` (or 0) in the environment folds up to 16 rows (or not at all)
+    without timing, and `PREFIXGATE_FUSED_MLP=1` (or 0) likewise fuses the MLP wherever folded
+    (or nowhere): to compare them in one benchmark, say. `qkv`: the fused qkv variant
+    _fuse_qkv chose, if any (the folded path runs it too)."""
     from kernels.matmul_ref import row_stats_buffer
-    from kernels.triton_gemv import GEMV_MAX_ROWS, gemv, graph_time_us
+    from kernels.triton_gemv import GEMV_MAX_ROWS, gemv
+    from kernels.triton_mlp import fused_mlp
     from kernels.triton_qkv import qkv_kernel
 
     config = model.config
     forced = os.environ.get("PREFIXGATE_NORM_FOLD")
+    forced_mlp = os.environ.get("PREFIXGATE_FUSED_MLP")
     if config.qk_norm or config.head_dim % 64 or forced == "0":
-        return False  # the same limits as the fused qkv kernel, which does the qkv side
+        return None  # the same limits as the fused qkv kernel, which does the qkv side
     weight = model.lm_head.weight
     stats = row_stats_buffer(config.hidden_size, GEMV_MAX_ROWS, weight.device)
     fold = NormFold(gemv, qkv_kernel(qkv or "fused", config.head_dim), GEMV_MAX_ROWS, stats)
-    on = {"device": weight.device, "dtype": weight.dtype}
-    hidden = torch.randn(1, config.hidden_size, **on)
-    residual = torch.randn(1, config.hidden_size, **on)
-    attn_out = torch.randn(1, config.num_heads, config.head_dim, **on)
-    positions = torch.tensor([7], device=weight.device)
-    slots = torch.tensor([5], device=weight.device)
-    cache = torch.zeros((2, 2, 16, config.num_kv_heads, config.head_dim), **on)
-
-    def separate(layer: DecoderLayer) -> None:
-        _, stream = layer.attention_inputs(hidden, residual, positions, cache, slots)
-        layer.after_attention(attn_out, stream)
-
-    def folded(layer: DecoderLayer) -> None:
-        layer.attention_inputs_folded(hidden, fold, positions, cache, slots)
-        layer.after_attention_folded(attn_out, hidden, fold)
-
-    layers: list[DecoderLayer] = list(model.model.layers[:4])  # type: ignore[arg-type]
-    if forced != "1":
-        with torch.cuda.device(weight.device):  # the timing graph's stream on the layers' device
-            with_norms, without = graph_time_us(separate, layers), graph_time_us(folded, layers)
-        log.info("a layer's matmuls at one row: %.1f us with norm kernels, %.1f folded", with_norms, without)
-        if without >= with_norms:
-            return False
+    fused = None
+    if not config.mlp_bias and forced_mlp != "0":
+        fused = dataclasses.replace(fold, mlp=fused_mlp, mlp_rows=GEMV_MAX_ROWS)
+    fold_rows, mlp_rows = GEMV_MAX_ROWS, GEMV_MAX_ROWS if fused is not None else 0
+    if forced != "1" or (fused is not None and forced_mlp != "1"):
+        timer = _LayerTimer(model)
+        with torch.cuda.device(weight.device):  # the timing graphs' streams on the layers' device
+            fold_rows, mlp_rows = timer.rows_won(
+                fold, fused, time_norms=forced != "1", time_mlp=forced_mlp != "1"
+            )
+    if not fold_rows:
+        return None
     fold_norm_weights(model)
-    model.model.norm_fold = fold
-    return True
+    mlp = fused_mlp if mlp_rows else None
+    model.model.norm_fold = dataclasses.replace(fold, max_rows=fold_rows, mlp=mlp, mlp_rows=mlp_rows)
+    what = f"RMSNorms folded into the matmuls up to {fold_rows} rows"
+    return what + (f", the MLP fused up to {mlp_rows}" if mlp_rows else "")
+
+
+class _LayerTimer:
+    """One decoder layer's work but attention, at a given batch size, each way it can run."""
+
+    def __init__(self, model: CausalLM) -> None:
+        self.config = model.config
+        self.layers: list[DecoderLayer] = list(model.model.layers[:4])  # type: ignore[arg-type]
+        weight = model.lm_head.weight
+        self.on = {"device": weight.device, "dtype": weight.dtype}
+        config = self.config
+        self.cache = torch.zeros((2, 2, 16, config.num_kv_heads, config.head_dim), **self.on)
+
+    def times(self, rows: int, folds: dict[str, NormFold], with_norms: bool) -> dict[str, float]:
+        """us per layer at `rows` rows: with norm kernels ("norms") and with each fold."""
+        from kernels.triton_gemv import graph_time_us
+
+        config, on, cache = self.config, self.on, self.cache
+        hidden = torch.randn(rows, config.hidden_size, **on)
+        residual = torch.randn(rows, config.hidden_size, **on)
+        attn_out = torch.randn(rows, config.num_heads, config.head_dim, **on)
+        positions = torch.arange(7, 7 + rows, device=on["device"])
+        slots = torch.arange(rows, device=on["device"])  # the scratch cache has 32 slots
+
+        def separate(layer: DecoderLayer) -> None:
+            _, stream = layer.attention_inputs(hidden, residual, positions, cache, slots)
+            layer.after_attention(attn_out, stream)
+
+        def folded(fold: NormFold) -> Callable[[DecoderLayer], None]:
+            def run(layer: DecoderLayer) -> None:
+                layer.attention_inputs_folded(hidden, fold, positions, cache, slots)
+                layer.after_attention_folded(attn_out, hidden, fold)
+
+            return run
+
+        took = {name: graph_time_us(folded(fold), self.layers) for name, fold in folds.items()}
+        if with_norms:
+            took["norms"] = graph_time_us(separate, self.layers)
+        log.info("a layer at %d rows, us: %s", rows, ", ".join(f"{k} {v:.1f}" for k, v in took.items()))
+        return took
+
+    def rows_won(
+        self, fold: NormFold, fused: NormFold | None, time_norms: bool, time_mlp: bool
+    ) -> tuple[int, int]:
+        """(folded rows, fused-MLP rows): up to which of ROW_COUNTS the fold (with the fused
+        MLP where that won) and the fused MLP kept beating the other way, counting from one
+        row; unless `time_norms` (or `time_mlp`) is off, when that one wins unmeasured."""
+        fold_rows = mlp_rows = 0
+        for rows in ROW_COUNTS:
+            mlp_winning = fused is not None and mlp_rows == fold_rows
+            folds = {} if mlp_winning and not time_mlp else {"folded": fold}
+            if mlp_winning:
+                folds["fused MLP"] = fused  # type: ignore[assignment]
+            took = self.times(rows, folds, time_norms)
+            if time_norms and min(took[name] for name in folds) >= took["norms"]:
+                break
+            fold_rows = rows
+            if mlp_winning and took["fused MLP"] < took.get("folded", float("inf")):
+                mlp_rows = rows
+        return fold_rows, mlp_rows
 
 
 def fold_norm_weights(model: CausalLM) -> None:

@@ -97,3 +97,16 @@ def qkv_rotary_store_ref(
     keep = slot_mapping >= 0
     store_kv(key[keep], v.reshape(rows, num_kv_heads, head_dim)[keep], kv_cache, slot_mapping[keep])
     return query
+
+
+def fused_mlp_ref(
+    x: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    stats: torch.Tensor,
+    norm_eps: float,
+) -> torch.Tensor:
+    """kernels/triton_mlp.fused_mlp's contract: the folded decoder's MLP from the residual
+    stream x (its norm from `stats`) back to the stream, leaving the new rows' statistics."""
+    gate_up = skinny_matmul_ref(x, gate_up_weight, norm_stats=stats, norm_eps=norm_eps)
+    return skinny_matmul_ref(gate_up, down_weight, silu_mul=True, residual=x, row_stats=stats)

@@ -11,9 +11,10 @@ wins keeps cuBLAS.
 
 `SILU_MUL` folds the MLP's activation into the down projection's loads: x is then the gate_up
 output [M, 2K] and the kernel multiplies silu(gate) * up, rounded where the separate kernel
-rounds (kernels/triton_elementwise.py), saving a launch per layer. At one row it computes the
-activation on that row only (computing it on all 16 padded rows is what made the fold lose
-to the separate kernel at batch 1 before).
+rounds (kernels/triton_elementwise.py), saving a launch per layer. It does so at one row only:
+every column tile recomputes the activation, which at 2-16 rows (on 16 padded rows) made the
+down projection ~4x slower than the activation kernel followed by the plain GEMV, so at more
+rows the wrapper runs that pair.
 
 Three more let a decode layer drop its RMSNorm kernels (engine/models/decoder.py, the folded
 path): `residual` adds the residual stream in the epilogue (the o_proj and down projections
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels.matmul_ref import ROW_STATS_COLUMNS
+from kernels.triton_elementwise import silu_and_mul_triton
 from kernels.triton_pdl import pdl_prologue, use_pdl
 
 _STATS_COLUMNS = tl.constexpr(ROW_STATS_COLUMNS)  # kernels may read only constexpr globals
@@ -54,7 +56,7 @@ Operand = TypeVar("Operand")  # what a timed call reads in turn: a weight, a lay
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, stats_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm,
-    stride_ym, norm_eps, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ONE_ROW: tl.constexpr,
+    stride_ym, norm_eps, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
     NORM: tl.constexpr, ROW_STATS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr = 16, PARTIALS: tl.constexpr = 1,
 ):  # fmt: skip
@@ -74,17 +76,13 @@ def _gemv_kernel(
         k_ok = ks < K
         x_mask = row_ok[:, None] & k_ok[None, :]
         x_at = x_ptr + rows[:, None] * stride_xm + ks[None, :]
-        if SILU_MUL and ONE_ROW:
-            # One real row: the activation's exponentials on it alone, not on 16 padded rows.
+        if SILU_MUL:
+            # x is one row's gate_up (the wrapper sees to that): the activation's exponentials
+            # on that row alone, not on 16 padded rows.
             gate = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             up = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0).to(tl.float32)
             activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
             x = tl.where((rows == 0)[:, None], (activated * up).to(dtype)[None, :], 0.0).to(dtype)
-        elif SILU_MUL:
-            gate = tl.load(x_at, mask=x_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_at + K, mask=x_mask, other=0.0).to(tl.float32)
-            activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            x = (activated * up).to(dtype)
         else:
             x = tl.load(x_at, mask=x_mask, other=0.0)
         w = tl.load(
@@ -178,6 +176,12 @@ def gemv(
         check_row_stats(row_stats, n, block_m)
         if options["block_n"] % ROW_STATS_COLUMNS:
             raise ValueError(f"row_stats needs column tiles of a multiple of {ROW_STATS_COLUMNS}")
+    if silu_mul and rows > 1:
+        # Folded in, the activation is recomputed for every column tile, on 16 padded rows
+        # unless one row is real: at 2-16 rows that made the down projection ~4x slower than
+        # the activation kernel and the plain GEMV (342 against ~90 us for an 8B model's MLP on
+        # an H200, kernels/NOTES.md v17). The activation kernel rounds as the fold does.
+        x, silu_mul = silu_and_mul_triton(x), False
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
@@ -189,7 +193,7 @@ def gemv(
             stats if stats is not None else y, y,
             rows, n, k, x.stride(0), weight.stride(0),
             residual.stride(0) if residual is not None else 0, y.stride(0), norm_eps,
-            HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ONE_ROW=silu_mul and rows == 1,
+            HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             NORM=norm_stats is not None, ROW_STATS=row_stats is not None, HAS_RESIDUAL=residual is not None,
             BLOCK_N=options["block_n"], BLOCK_K=options["block_k"], USE_PDL=pdl, BLOCK_M=block_m,
             PARTIALS=norm_partials(norm_stats, k),

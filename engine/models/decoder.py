@@ -186,6 +186,14 @@ class DecoderLayer(nn.Module):
             attn_out.reshape(attn_out.shape[0], -1), o_proj.weight, o_proj.bias, False,
             residual=stream, row_stats=stats,
         )  # fmt: skip
+        if fold.mlp is not None and stream.shape[0] <= fold.mlp_rows:  # no MLP biases (engine/skinny.py)
+            return fold.mlp(
+                stream,
+                mlp.gate_up_proj.weight,
+                mlp.down_proj.weight,
+                stats,
+                self.post_attention_layernorm.eps,
+            )
         gate_up = fold.matmul(
             stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, False,
             norm_stats=stats, norm_eps=self.post_attention_layernorm.eps,

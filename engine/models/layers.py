@@ -51,7 +51,12 @@ class NormFold:
     matmul: Callable[..., torch.Tensor]
     qkv: Callable[..., torch.Tensor]
     max_rows: int
-    stats: torch.Tensor  # kernels/matmul_ref.py row_stats_buffer(hidden, max_rows)
+    stats: torch.Tensor  # kernels/matmul_ref.py row_stats_buffer(hidden, rows): 16 rows for the GEMV
+    # The whole MLP in one call, for batches of at most `mlp_rows` rows, where it measured
+    # faster than the two matmuls: (stream, gate_up weight, down weight, stats, norm_eps) ->
+    # the stream after the MLP, leaving its statistics (kernels/triton_mlp.py fused_mlp).
+    mlp: Callable[..., torch.Tensor] | None = None
+    mlp_rows: int = 0
 
 
 class Linear(nn.Linear):

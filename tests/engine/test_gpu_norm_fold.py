@@ -20,17 +20,22 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 
-def fold(model: CausalLM) -> None:
+def fold(model: CausalLM, mlp_rows: int = 0) -> None:
+    """Fold the norms; with `mlp_rows`, the MLP of batches up to that many rows as one call."""
     from kernels.matmul_ref import row_stats_buffer
     from kernels.triton_gemv import GEMV_MAX_ROWS, gemv
+    from kernels.triton_mlp import fused_mlp
     from kernels.triton_qkv import qkv_rotary_store
 
     fold_norm_weights(model)
     stats = row_stats_buffer(model.config.hidden_size, GEMV_MAX_ROWS, model.lm_head.weight.device)
-    model.model.norm_fold = NormFold(gemv, qkv_rotary_store, GEMV_MAX_ROWS, stats)
+    model.model.norm_fold = NormFold(
+        gemv, qkv_rotary_store, GEMV_MAX_ROWS, stats, mlp=fused_mlp if mlp_rows else None, mlp_rows=mlp_rows
+    )
 
 
-def test_folded_model_follows_the_float32_reference(tiny_model_dir) -> None:
+@pytest.mark.parametrize("mlp_rows", [0, 16])
+def test_folded_model_follows_the_float32_reference(tiny_model_dir, mlp_rows: int) -> None:
     folder = tiny_model_dir("llama-d64")
     tokens = torch.randint(3, 512, (60,), generator=torch.Generator().manual_seed(12)).tolist()
     steps = [[(0, tokens[:40])], [(0, tokens[40:41])], [(0, tokens[41:50])], [(0, tokens[50:51])]]
@@ -40,7 +45,7 @@ def test_folded_model_follows_the_float32_reference(tiny_model_dir) -> None:
     for folded in (False, True):
         model = load_model(folder, dtype=torch.bfloat16, device="cuda").model
         if folded:
-            fold(model)
+            fold(model, mlp_rows)
         driver = PagedDriver(model, block_size=16)
         got = torch.cat([driver.step(step)[0] for step in steps]).cpu()
         assert torch.isfinite(got).all()
@@ -52,7 +57,8 @@ def test_folded_model_follows_the_float32_reference(tiny_model_dir) -> None:
         assert plain < 4e-2 and folded < 1.2 * plain, errors
 
 
-def test_engine_with_the_fold_in_its_graphs_matches_the_engine_without(tiny_model_dir) -> None:
+@pytest.mark.parametrize("mlp_rows", [0, 4])
+def test_engine_with_the_fold_in_its_graphs_matches_the_engine_without(tiny_model_dir, mlp_rows: int) -> None:
     folder = tiny_model_dir("llama-d64")
     prompts, params = mixed_workload(seed=7)
     outputs = []
@@ -63,7 +69,7 @@ def test_engine_with_the_fold_in_its_graphs_matches_the_engine_without(tiny_mode
         )  # fmt: skip
         loaded = load_model(folder, dtype=torch.bfloat16, device="cuda")
         if folded:
-            fold(loaded.model)
+            fold(loaded.model, mlp_rows)
         engine = EngineCore(config, loaded)
         outputs.append(run_all(engine, prompts, params))
         assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
@@ -73,13 +79,18 @@ def test_engine_with_the_fold_in_its_graphs_matches_the_engine_without(tiny_mode
 
 
 def test_the_chooser_folds_only_what_it_can(tiny_model_dir) -> None:
-    from engine.skinny import use_skinny_matmuls
+    from engine.skinny import ROW_COUNTS, use_skinny_matmuls
 
     for family, can in (("llama-d64", True), ("qwen3", False), ("llama", False)):
         model = load_model(tiny_model_dir(family), dtype=torch.bfloat16, device="cuda").model
         chosen = use_skinny_matmuls(model)
-        folded = "RMSNorms folded into the matmuls" in chosen
+        folded = any(what.startswith("RMSNorms folded into the matmuls") for what in chosen)
         assert folded == (model.model.norm_fold is not None)
         assert can or not folded  # q/k norms, or heads the fused qkv kernel does not take
         norm = model.model.layers[0].input_layernorm.weight
         assert torch.equal(norm, torch.ones_like(norm)) == folded
+        fold = model.model.norm_fold
+        fused_mlp = fold is not None and fold.mlp is not None
+        assert fused_mlp == any("the MLP fused" in what for what in chosen)
+        assert fold is None or fold.max_rows in ROW_COUNTS
+        assert not fused_mlp or 1 <= fold.mlp_rows <= fold.max_rows

@@ -15,7 +15,7 @@ import torch
 from engine.models.layers import NormFold
 from engine.skinny import fold_norm_weights
 from engine.weights import load_model
-from kernels.matmul_ref import qkv_rotary_store_ref, row_stats_buffer, skinny_matmul_ref
+from kernels.matmul_ref import fused_mlp_ref, qkv_rotary_store_ref, row_stats_buffer, skinny_matmul_ref
 from testkit.paged import PagedDriver
 
 
@@ -64,6 +64,42 @@ def test_folded_layers_compute_the_same_logits(tiny_model_dir, family: str) -> N
         "norm": 2 * layers,
         "residual": 4 * layers,
     }
+
+
+def test_a_fused_mlp_takes_the_batches_up_to_its_rows(tiny_model_dir) -> None:
+    # NormFold.mlp (kernels/triton_mlp.py on a GPU; its torch contract here) replaces the two
+    # MLP matmuls of batches of at most mlp_rows rows, and computes the same logits.
+    model = load_model(tiny_model_dir("llama")).model
+    tokens = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    work = [
+        [(0, tokens[:30]), (1, tokens[30:35])],  # 35 rows: the norm kernels
+        [(0, [7]), (1, [9])],  # two rows: the fused MLP
+        [(0, tokens[35:38]), (1, [11])],  # four rows: folded, the two matmuls
+    ]
+    plain = PagedDriver(model)
+    reference = [[t.clone() for t in plain.step(step)] for step in work]
+    calls: Counter[str] = Counter()
+
+    def matmul(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["matmul"] += 1
+        return skinny_matmul_ref(*args, **kwargs)
+
+    def mlp(*args: Any) -> torch.Tensor:
+        calls["mlp"] += 1
+        return fused_mlp_ref(*args)
+
+    fold_norm_weights(model)
+    stats = row_stats_buffer(model.config.hidden_size, 8, "cpu")
+    model.model.norm_fold = NormFold(matmul, qkv_rotary_store_ref, 8, stats, mlp=mlp, mlp_rows=2)
+    folded = PagedDriver(model)
+    layers = len(model.model.layers)
+    expected = [{}, {"matmul": layers, "mlp": layers}, {"matmul": 3 * layers}]
+    for step, want, counts in zip(work, reference, expected, strict=True):
+        calls.clear()
+        got = folded.step(step)
+        assert calls == counts
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_row_statistics_carry_a_norm_from_one_matmul_to_the_next() -> None:
