@@ -133,10 +133,14 @@ def _fold_norms(model: CausalLM, qkv: str | None) -> str | None:
         fused = dataclasses.replace(fold, mlp=fused_mlp, mlp_rows=GEMV_MAX_ROWS)
     fold_rows, mlp_rows = GEMV_MAX_ROWS, GEMV_MAX_ROWS if fused is not None else 0
     if forced != "1" or (fused is not None and forced_mlp != "1"):
+        folds = {"folded": fold} if fused is None else {"folded": fold, "fused MLP": fused}
         timer = _LayerTimer(model)
         with torch.cuda.device(weight.device):  # the timing graphs' streams on the layers' device
-            fold_rows, mlp_rows = timer.rows_won(
-                fold, fused, time_norms=forced != "1", time_mlp=forced_mlp != "1"
+            fold_rows, mlp_rows = rows_won(
+                lambda rows, names, norms: timer.times(rows, {n: folds[n] for n in names}, norms),
+                fused is not None,
+                time_norms=forced != "1",
+                time_mlp=forced_mlp != "1",
             )
     if not fold_rows:
         return None
@@ -186,25 +190,32 @@ class _LayerTimer:
         log.info("a layer at %d rows, us: %s", rows, ", ".join(f"{k} {v:.1f}" for k, v in took.items()))
         return took
 
-    def rows_won(
-        self, fold: NormFold, fused: NormFold | None, time_norms: bool, time_mlp: bool
-    ) -> tuple[int, int]:
-        """(folded rows, fused-MLP rows): up to which of ROW_COUNTS the fold (with the fused
-        MLP where that won) and the fused MLP kept beating the other way, counting from one
-        row; unless `time_norms` (or `time_mlp`) is off, when that one wins unmeasured."""
-        fold_rows = mlp_rows = 0
-        for rows in ROW_COUNTS:
-            mlp_winning = fused is not None and mlp_rows == fold_rows
-            folds = {} if mlp_winning and not time_mlp else {"folded": fold}
-            if mlp_winning:
-                folds["fused MLP"] = fused  # type: ignore[assignment]
-            took = self.times(rows, folds, time_norms)
-            if time_norms and min(took[name] for name in folds) >= took["norms"]:
-                break
-            fold_rows = rows
-            if mlp_winning and took["fused MLP"] < took.get("folded", float("inf")):
-                mlp_rows = rows
-        return fold_rows, mlp_rows
+
+def rows_won(
+    time_layer: Callable[[int, list[str], bool], dict[str, float]],
+    has_fused: bool,
+    time_norms: bool = True,
+    time_mlp: bool = True,
+) -> tuple[int, int]:
+    """(folded rows, fused-MLP rows): up to which of ROW_COUNTS the fold (with the fused MLP
+    where that won) beat the layer with norm kernels, and the fused MLP the two GEMVs, each
+    counting from one row and stopping at its first loss. `time_layer(rows, names, norms)`
+    gives a layer's us at `rows` rows for each of `names` ("folded", "fused MLP") and, if
+    `norms`, for the layer with norm kernels ("norms"). With `time_norms` (or `time_mlp`) off,
+    the fold (or the fused MLP) wins unmeasured."""
+    fold_rows = mlp_rows = 0
+    for rows in ROW_COUNTS:
+        mlp_winning = has_fused and mlp_rows == fold_rows
+        names = [] if mlp_winning and not time_mlp else ["folded"]
+        if mlp_winning:
+            names.append("fused MLP")
+        took = time_layer(rows, names, time_norms)
+        if time_norms and min(took[name] for name in names) >= took["norms"]:
+            break
+        fold_rows = rows
+        if mlp_winning and took["fused MLP"] < took.get("folded", float("inf")):
+            mlp_rows = rows
+    return fold_rows, mlp_rows
 
 
 def fold_norm_weights(model: CausalLM) -> None:

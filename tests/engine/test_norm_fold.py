@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.models.layers import NormFold
-from engine.skinny import fold_norm_weights
+from engine.skinny import fold_norm_weights, rows_won
 from engine.weights import load_model
 from kernels.matmul_ref import fused_mlp_ref, qkv_rotary_store_ref, row_stats_buffer, skinny_matmul_ref
 from testkit.paged import PagedDriver
@@ -114,3 +114,45 @@ def test_row_statistics_carry_a_norm_from_one_matmul_to_the_next() -> None:
     torch.testing.assert_close(stats[:, :3].sum(0), y.pow(2).sum(-1))
     normed = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(skinny_matmul_ref(y, w_next, norm_stats=stats), normed @ w_next.T)
+
+
+def scripted(times: dict[int, dict[str, float]], asked: list[tuple[int, tuple[str, ...], bool]]):
+    """A layer timer answering from `times` (us by rows, then by path), noting each question."""
+
+    def time_layer(rows: int, names: list[str], norms: bool) -> dict[str, float]:
+        asked.append((rows, tuple(names), norms))
+        return {name: times[rows][name] for name in (*names, *(["norms"] if norms else []))}
+
+    return time_layer
+
+
+def test_the_fold_and_the_fused_mlp_run_up_to_their_first_loss() -> None:
+    # engine/skinny.py rows_won: each path runs from one row up to the last row count through
+    # which it kept winning; the fused MLP only where the fold runs.
+    times = {
+        1: {"norms": 100, "folded": 98, "fused MLP": 95},
+        2: {"norms": 101, "folded": 99, "fused MLP": 97},
+        4: {"norms": 102, "folded": 100, "fused MLP": 103},  # the fused MLP loses here ...
+        8: {"norms": 103, "folded": 102, "fused MLP": 90},  # ... and is not asked again
+        16: {"norms": 104, "folded": 105, "fused MLP": 90},
+    }
+    asked: list[tuple[int, tuple[str, ...], bool]] = []
+    assert rows_won(scripted(times, asked), has_fused=True) == (8, 2)
+    assert asked == [
+        (1, ("folded", "fused MLP"), True),
+        (2, ("folded", "fused MLP"), True),
+        (4, ("folded", "fused MLP"), True),
+        (8, ("folded",), True),
+        (16, ("folded",), True),
+    ]
+    # A fold that wins only with the fused MLP still folds; one that loses at one row never.
+    times[1] = {"norms": 96, "folded": 98, "fused MLP": 95}
+    assert rows_won(scripted(times, []), has_fused=True) == (8, 2)
+    assert rows_won(scripted(times, []), has_fused=False) == (0, 0)
+    # Forced on (PREFIXGATE_FUSED_MLP=1): the fused MLP is timed alone, against the norms
+    # (it loses to them at 4 rows, where the fold then stops too).
+    asked.clear()
+    assert rows_won(scripted(times, asked), has_fused=True, time_mlp=False) == (2, 2)
+    assert [names for _, names, _ in asked] == [("fused MLP",)] * 3
+    # PREFIXGATE_NORM_FOLD=1: folded at every row count, the fused MLP where it won.
+    assert rows_won(scripted(times, []), has_fused=True, time_norms=False) == (16, 2)
