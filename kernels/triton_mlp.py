@@ -10,7 +10,7 @@ waits for another between the two matmuls, and every weight is read once by
 cdiv(intermediate, COLUMNS) programs. That matters where the down GEMV has few output columns
 to share out: Qwen2.5-1.5B's (1,536 of them: 48 programs on 132 SMs) ran its MLP at 2.05x the
 weights' bandwidth floor as two GEMVs and 1.42x here; Llama-3.1-8B's was near its floor
-already, and is not faster here (kernels/NOTES.md, v17).
+already (1.09x), and ties here (kernels/NOTES.md, v17). engine/skinny.py times both.
 
 A second, small kernel adds the partial products up in a fixed order (deterministic, unlike
 atomics), one program per 32 output columns, adds the residual stream, rounds, and leaves the
