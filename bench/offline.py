@@ -8,6 +8,8 @@ peer and the card's name:
 
 - decode_b1: batch-1 decode, 512-token prompt, 128 new tokens, ms/token against the roofline
   (weight bytes read per step / copy bandwidth measured in this run) and transformers `generate`.
+- decode_batches: decode steps of 2, 4, 8 and 16 sequences (512-token prompts, 64 new tokens),
+  ms a step; no peer, no target.
 - shared_prefix: 8 groups x 32 requests, 2,048-token group prefix + 128 unique tokens, 128
   output tokens, EOS ignored: output tokens/s; peer transformers `generate_batch`.
 - sharegpt_like: 500 requests at once (after one untimed pass of another 500), input/output
@@ -32,13 +34,18 @@ from typing import Any
 
 import torch
 
+from bench.gpu_engine import (
+    build_engine,
+    copy_bandwidth,
+    random_prompt,
+    run_to_completion,
+    warm_up,
+    weight_bytes_per_step,
+)
 from bench.gpu_peers import transformers_generate_batch, transformers_generate_ms_per_token
-from bench.shapes import SHAPES, hf_config
-from engine.config import EngineConfig
+from bench.shapes import SHAPES
 from engine.core import EngineCore
-from engine.model_config import ModelConfig
 from engine.sampling_params import SamplingParams
-from engine.weights import LoadedModel, build_model, randomize_weights
 
 
 @dataclass(frozen=True)
@@ -52,68 +59,13 @@ class Result:
     extra: dict[str, Any]
 
 
-def copy_bandwidth(device: torch.device, gib: float = 2.0, repeat: int = 20) -> float:
-    """Bytes read plus bytes written per second for a large device-to-device copy."""
-    count = int(gib * (1 << 30)) // 2
-    src = torch.randn(count, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize(device)
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize(device)
-    seconds = start.elapsed_time(end) / 1000 / repeat
-    del src, dst
-    return 2 * count * 2 / seconds
-
-
-def weight_bytes_per_step(config: ModelConfig, element_size: int = 2) -> int:
-    """Every weight a decode step reads: all layers, the final norm and the LM head (one embedding row)."""
-    params = config.num_parameters()
-    embedding = config.vocab_size * config.hidden_size
-    if not config.tie_word_embeddings:
-        params -= embedding  # the input embedding is read one row per token, not whole
-    return params * element_size
-
-
-def build_engine(
-    shape: str, device: torch.device, overrides: dict[str, Any] | None = None, **options: Any
-) -> EngineCore:
-    """A random-weight engine of `shape` (`overrides`: config fields, e.g. fewer layers)."""
-    config = ModelConfig.from_hf(hf_config(shape, **(overrides or {})))
-    model = build_model(config, torch.bfloat16, device)
-    randomize_weights(model, seed=0)
-    engine_config = EngineConfig(model=shape, device=str(device), dtype="bfloat16", **options)
-    return EngineCore(engine_config, LoadedModel(model=model, config=config, path=Path(shape)))
-
-
-def _random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
-    return [rng.randrange(10, vocab - 10) for _ in range(length)]
-
-
-def run_to_completion(engine: EngineCore, on_step: Callable[[], None] | None = None) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    while engine.has_unfinished:
-        engine.step()
-        if on_step is not None:
-            on_step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def decode_b1(engine: EngineCore, bandwidth: float, shape: str, peers: bool) -> Result:
     rng = random.Random(1)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
-    engine.add_request(_random_prompt(rng, 512, vocab), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request(random_prompt(rng, 512, vocab), SamplingParams(max_tokens=4, ignore_eos=True))
     run_to_completion(engine)  # warm-up
-    prompt = _random_prompt(rng, 512, vocab)
+    prompt = random_prompt(rng, 512, vocab)
 
     def ms_per_token(overlap: bool) -> float:
         engine.overlap = overlap
@@ -154,7 +106,7 @@ def decode_batches(engine: EngineCore, bandwidth: float) -> Result:
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     ms_per_step = {}
     for batch in (2, 4, 8, 16):
-        requests = [engine.add_request(_random_prompt(rng, 512, vocab), params) for _ in range(batch)]
+        requests = [engine.add_request(random_prompt(rng, 512, vocab), params) for _ in range(batch)]
         run_to_completion(engine)
         times = requests[0].times.tokens
         ms_per_step[batch] = (times[-1] - times[0]) / (len(times) - 1) * 1000
@@ -174,8 +126,8 @@ def _shared_prefix_prompts(vocab: int, groups: int, per_group: int) -> list[list
     rng = random.Random(2)
     prompts = []
     for _ in range(groups):
-        prefix = _random_prompt(rng, 2048, vocab)
-        prompts += [prefix + _random_prompt(rng, 128, vocab) for _ in range(per_group)]
+        prefix = random_prompt(rng, 2048, vocab)
+        prompts += [prefix + random_prompt(rng, 128, vocab) for _ in range(per_group)]
     return prompts
 
 
@@ -214,9 +166,7 @@ def _add_sharegpt_requests(engine: EngineCore, count: int, seed: int) -> tuple[l
     inputs = [max(4, min(2048, int(rng.lognormvariate(4.9, 0.8)))) for _ in range(count)]
     outputs = [max(4, min(1024, int(rng.lognormvariate(4.8, 0.8)))) for _ in range(count)]
     for length, out in zip(inputs, outputs, strict=True):
-        engine.add_request(
-            _random_prompt(rng, length, vocab), SamplingParams(max_tokens=out, ignore_eos=True)
-        )
+        engine.add_request(random_prompt(rng, length, vocab), SamplingParams(max_tokens=out, ignore_eos=True))
     return inputs, outputs
 
 
@@ -264,21 +214,6 @@ def sharegpt_like(engine: EngineCore, count: int = 500) -> Result:
     )
 
 
-def warm_up(engine: EngineCore) -> None:
-    """Mixed prefill/decode batches of many shapes, so Triton compiles its kernel variants
-    before any timed region (a compile inside one costs seconds)."""
-    rng = random.Random(9)
-    vocab = engine.model_config.vocab_size
-    for count, length in ((1, 40), (8, 300), (64, 200), (4, 3000), (32, 2500)):
-        for _ in range(count):
-            engine.add_request(
-                _random_prompt(rng, length, vocab), SamplingParams(max_tokens=4, ignore_eos=True)
-            )
-        run_to_completion(engine)
-    if engine.tree is not None:
-        engine.tree.clear()
-
-
 def _ttft(engine: EngineCore, prompt: list[int]) -> float:
     request = engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
     run_to_completion(engine)
@@ -293,18 +228,18 @@ TTFT_PAIRS = 5
 def cached_prefix_ttft(engine: EngineCore) -> Result:
     rng = random.Random(4)
     vocab = engine.model_config.vocab_size
-    _ttft(engine, _random_prompt(rng, 256, vocab))  # warm-up
-    prefix = _random_prompt(rng, 8192, vocab)
-    _ttft(engine, prefix + _random_prompt(rng, 16, vocab))  # puts the prefix in the cache
+    _ttft(engine, random_prompt(rng, 256, vocab))  # warm-up
+    prefix = random_prompt(rng, 8192, vocab)
+    _ttft(engine, prefix + random_prompt(rng, 16, vocab))  # puts the prefix in the cache
     # Cached and bare prompts take turns, so drift in the card or the host over the run (a
     # clock settling after the cold prefill above, say) reaches both sides of the ratio.
     cached_runs: list[float] = []
     bare_runs: list[float] = []
     for _ in range(TTFT_PAIRS):
-        cached_runs.append(_ttft(engine, prefix + _random_prompt(rng, 128, vocab)))
-        bare_runs.append(_ttft(engine, _random_prompt(rng, 128, vocab)))
+        cached_runs.append(_ttft(engine, prefix + random_prompt(rng, 128, vocab)))
+        bare_runs.append(_ttft(engine, random_prompt(rng, 128, vocab)))
     cached, bare = min(cached_runs), min(bare_runs)
-    cold = min(_ttft(engine, _random_prompt(rng, 8320, vocab)) for _ in range(2))
+    cold = min(_ttft(engine, random_prompt(rng, 8320, vocab)) for _ in range(2))
     return Result(
         "cached_prefix_ttft",
         "TTFT ms (8,192 cached + 128 new)",

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench.offline import build_engine, copy_bandwidth, weight_bytes_per_step
+from bench.gpu_engine import build_engine, copy_bandwidth, weight_bytes_per_step
 from bench.shapes import SHAPES
 from engine.batch import SequenceChunk, build_forward_batch
 from engine.core import EngineCore

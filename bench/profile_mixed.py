@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.offline import build_engine
+from bench.gpu_engine import build_engine
 from bench.shapes import SHAPES
 from bench.simulator.latency import CARDS, LatencyModel
 from bench.simulator.step_cost import step_ms

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.offline import _random_prompt, build_engine, warm_up
+from bench.gpu_engine import build_engine, random_prompt, warm_up
 from bench.profile_decode import kernel_spans, timeline_report
 from bench.shapes import SHAPES
 from engine.core import EngineCore
@@ -125,11 +125,11 @@ def main() -> None:
         warm_up(engine)
     rng = random.Random(4)
     vocab = engine.model_config.vocab_size
-    prefix = _random_prompt(rng, args.prefix, vocab)
-    profile(engine, prefix + _random_prompt(rng, 16, vocab))  # puts the prefix in the cache
+    prefix = random_prompt(rng, args.prefix, vocab)
+    profile(engine, prefix + random_prompt(rng, 16, vocab))  # puts the prefix in the cache
     cases = {
-        f"bare {args.new}": lambda: _random_prompt(rng, args.new, vocab),
-        f"{args.prefix:,} cached + {args.new}": lambda: prefix + _random_prompt(rng, args.new, vocab),
+        f"bare {args.new}": lambda: random_prompt(rng, args.new, vocab),
+        f"{args.prefix:,} cached + {args.new}": lambda: prefix + random_prompt(rng, args.new, vocab),
     }
     rows: dict[str, dict[str, float]] = {}
     for name, make in cases.items():

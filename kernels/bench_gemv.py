@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-from bench.offline import copy_bandwidth
+from bench.gpu_engine import copy_bandwidth
 from bench.shapes import SHAPES, hf_config
 from engine.model_config import ModelConfig
 from kernels.triton_common import next_power_of_two

@@ -19,7 +19,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from bench.offline import copy_bandwidth
+from bench.gpu_engine import copy_bandwidth
 from kernels.matmul_ref import row_stats_buffer, write_row_stats
 from kernels.triton_elementwise import silu_and_mul_triton
 from kernels.triton_gemv import GEMV_MAX_ROWS, gemv, graph_time_us

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.offline import copy_bandwidth
+from bench.gpu_engine import copy_bandwidth
 from bench.shapes import SHAPES
 from kernels.bench_attention import time_graph
 from kernels.bench_gemv import projections

@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bench.offline import copy_bandwidth
+from bench.gpu_engine import copy_bandwidth
 from kernels.triton_gemv import graph_time_us
 from kernels.triton_qkv import qkv_rotary_store
 
